@@ -1,0 +1,167 @@
+"""The on-disk format of an exported pipeline: one manifest block, read and checked in one place.
+
+Layout of an exported folder::
+
+    model_index.json            diffusers' index plus an "aotdiffusion" block (pipeline class, shapes)
+    scheduler/ tokenizer/       saved by diffusers / transformers, loaded by them
+    <component>/config.json     the original model config plus an "aotdiffusion" block (this module)
+    <component>/model.pt2       an AOTInductor package
+
+The component block lists its compiled graphs (``graphs``) rather than holding one, so that a
+component can later carry several static shapes, and it states where weights live (``weights``), so
+that weights can later move out of the compiled code without a new format version.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+from pathlib import Path
+from typing import Any
+
+MANIFEST_KEY = "aotdiffusion"
+FORMAT_VERSION = 1
+PACKAGE_FILE = "model.pt2"
+CONFIG_FILE = "config.json"
+MODEL_INDEX_FILE = "model_index.json"
+
+
+class ArtifactError(ValueError):
+    """An exported folder that cannot be used on this machine, with the reason and the fix."""
+
+
+def package_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("aotdiffusion")
+    except PackageNotFoundError:  # running from a source tree that was not installed
+        return "0+unknown"
+
+
+def environment_versions() -> dict[str, str]:
+    import diffusers
+    import torch
+    import transformers
+
+    return {
+        "aotdiffusion": package_version(),
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def cpu_isa() -> str:
+    """The widest vector ISA inductor generates code for on this CPU ("amx", "avx512", "avx2", ...)."""
+    from torch._inductor import cpu_vec_isa
+
+    return str(cpu_vec_isa.pick_vec_isa()) or "none"
+
+
+def supported_cpu_isas() -> list[str]:
+    from torch._inductor import cpu_vec_isa
+
+    return [str(isa) for isa in cpu_vec_isa.valid_vec_isa_list()] + ["none"]
+
+
+def sha256_file(path: Path, chunk: int = 1 << 24) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def file_record(path: Path) -> dict[str, Any]:
+    return {"sha256": sha256_file(path), "bytes": path.stat().st_size}
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    with open(path) as handle:
+        return json.load(handle)
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as handle:
+        json.dump(data, handle, indent=2, sort_keys=False, default=str)
+        handle.write("\n")
+
+
+def read_pipeline_index(folder: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Returns (model_index, its aotdiffusion block); errors explain what the folder is instead."""
+    index_path = folder / MODEL_INDEX_FILE
+    if not index_path.is_file():
+        raise ArtifactError(f"{folder} has no {MODEL_INDEX_FILE}: it is not an exported aotdiffusion pipeline.")
+    index = read_json(index_path)
+    block = index.get(MANIFEST_KEY)
+    if block is None:
+        raise ArtifactError(
+            f"{folder} is a diffusers pipeline that has not been compiled. Compile it with "
+            f"`aotdiffusion export --model {folder} OUT/` or `from_pretrained({str(folder)!r}, export=True)`."
+        )
+    _check_format(block, index_path)
+    return index, block
+
+
+def read_component(folder: Path, *, verify_checksums: bool = False) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Returns (original model config, manifest block) for one compiled component.
+
+    Checks everything that would otherwise fail deep inside the compiled code: the format version,
+    the device, the CPU's vector ISA and the files' sizes (and sha256 when asked: it reads every byte,
+    which costs seconds on a full-size UNet, so it is opt-in).
+    """
+    config_path = folder / CONFIG_FILE
+    if not config_path.is_file():
+        raise ArtifactError(f"Missing {config_path}: the exported folder is incomplete; export it again.")
+    config = read_json(config_path)
+    manifest = config.pop(MANIFEST_KEY, None)
+    if manifest is None:
+        raise ArtifactError(f"{config_path} has no `{MANIFEST_KEY}` block: {folder.name} was not exported here.")
+    _check_format(manifest, config_path)
+    check_device(manifest, folder.name)
+    for name, record in manifest["files"].items():
+        path = folder / name
+        if not path.is_file():
+            raise ArtifactError(f"{path} is missing: the exported folder is incomplete; export it again.")
+        size = path.stat().st_size
+        if size != record["bytes"]:
+            raise ArtifactError(
+                f"{path} has {size} bytes but was exported with {record['bytes']}: the file is truncated or "
+                "was replaced. Download or export it again."
+            )
+        if verify_checksums and sha256_file(path) != record["sha256"]:
+            raise ArtifactError(f"{path} does not match its recorded sha256: the file is corrupt. Export it again.")
+    return config, manifest
+
+
+def _check_format(block: dict[str, Any], where: Path) -> None:
+    found = block.get("format_version")
+    if found != FORMAT_VERSION:
+        raise ArtifactError(
+            f"{where} uses artifact format {found}, this aotdiffusion ({package_version()}) reads format "
+            f"{FORMAT_VERSION}. Export the model again with this version."
+        )
+
+
+def check_device(manifest: dict[str, Any], name: str) -> None:
+    import torch
+
+    device = manifest["device"]
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ArtifactError(
+                f"{name} was compiled for {device}, but CUDA is not available here. Export for this machine "
+                "with `--device cpu`."
+            )
+        return
+    built_for = manifest["cpu_isa"]
+    if built_for not in supported_cpu_isas():
+        raise ArtifactError(
+            f"{name} was compiled for CPUs with {built_for!r} instructions; this CPU supports "
+            f"{', '.join(supported_cpu_isas())}. Running it would crash (illegal instruction): export again "
+            "on this machine or one of the same CPU family."
+        )

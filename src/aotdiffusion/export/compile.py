@@ -1,0 +1,132 @@
+"""torch.export + AOTInductor for one component: trace, compile to a ``.pt2`` package, write its manifest."""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from .. import artifact
+from .components import ComponentSpec
+from .precision import Precision, PrecisionWrapper, full_precision_matmuls
+
+
+@dataclass(frozen=True)
+class CompilerOptions:
+    """Everything that changes the compiled code. Recorded in each component's manifest.
+
+    Each switch is one optimisation that can be turned off on its own (the gpt-fast habit), so a
+    benchmark can say what each one is worth.
+    """
+
+    precision: Precision = field(default_factory=Precision)
+    device: str = "cpu"
+    # Fold weight-only computation (e.g. the bf16 casts of fp32 weights) into constants at compile
+    # time instead of repeating it on every call.
+    freezing: bool = True
+
+    def inductor_configs(self) -> dict[str, Any]:
+        return {"freezing": self.freezing}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"device": self.device, **self.precision.to_dict(), "inductor": self.inductor_configs()}
+
+
+class ExportError(RuntimeError):
+    """A component that could not be traced or compiled, with its name."""
+
+
+def trace(spec: ComponentSpec, options: CompilerOptions) -> torch.export.ExportedProgram:
+    precision = options.precision
+    # "all" converts the weights; keep the caller's module intact as the fp32 reference.
+    module = copy.deepcopy(spec.module) if precision.auto_cast == "all" else spec.module
+    wrapped = PrecisionWrapper(module.to(options.device), precision).eval()
+    inputs = tuple(t.to(options.device) for t in spec.example_inputs().values())
+    try:
+        with torch.no_grad():
+            program = torch.export.export(wrapped, inputs, strict=False)
+    except Exception as error:  # torch.export errors are long; say which component first
+        raise ExportError(f"torch.export failed for {spec.name}: {error}") from error
+    if precision.auto_cast == "matmul":
+        missed = full_precision_matmuls(program.graph, precision.low_dtype)
+        if missed:
+            raise ExportError(
+                f"{spec.name}: {len(missed)} matrix multiplications escaped the {precision.auto_cast_type} cast "
+                f"policy ({', '.join(missed[:5])}...). Export with --auto-cast all or --auto-cast none."
+            )
+    return program
+
+
+def compile_component(spec: ComponentSpec, options: CompilerOptions, folder: Path) -> dict[str, Any]:
+    """Compiles ``spec`` into ``folder`` and writes ``config.json``; returns the manifest block."""
+    folder.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    program = trace(spec, options)
+    traced = time.perf_counter()
+    package = folder / artifact.PACKAGE_FILE
+    try:
+        torch._inductor.aoti_compile_and_package(
+            program, package_path=str(package), inductor_configs=options.inductor_configs()
+        )
+    except Exception as error:
+        raise ExportError(f"AOTInductor failed to compile {spec.name}: {error}") from error
+    compiled = time.perf_counter()
+    del program
+
+    files = {artifact.PACKAGE_FILE: artifact.file_record(package)}
+    extra = {}
+    for name, module in spec.extra_state.items():
+        path = folder / f"{name}.safetensors"
+        save_file({k: v.detach().float().cpu().contiguous() for k, v in module.state_dict().items()}, path)
+        files[path.name] = artifact.file_record(path)
+        extra[name] = {
+            "file": path.name,
+            "class": f"{type(module).__module__}.{type(module).__qualname__}",
+            "args": _module_args(module),
+        }
+
+    example = spec.example_inputs()
+    manifest = {
+        "format_version": artifact.FORMAT_VERSION,
+        "role": spec.role,
+        "device": options.device,
+        "cpu_isa": artifact.cpu_isa(),
+        "precision": options.precision.to_dict(),
+        "compiler": {"backend": "torch.export+aotinductor", **options.to_dict()},
+        "versions": artifact.environment_versions(),
+        "static": spec.static,
+        "graphs": [
+            {
+                "file": artifact.PACKAGE_FILE,
+                "inputs": [_tensor_spec(name, t) for name, t in example.items()],
+                "outputs": spec.output_names,
+            }
+        ],
+        "weights": {"storage": "embedded"},
+        "output_class": spec.output_class,
+        "extra_state": extra,
+        "files": files,
+        "timings": {"trace_s": round(traced - start, 2), "compile_s": round(compiled - traced, 2)},
+        "validation": None,
+    }
+    write_manifest(folder, spec.config, manifest)
+    return manifest
+
+
+def write_manifest(folder: Path, config: dict[str, Any], manifest: dict[str, Any]) -> None:
+    artifact.write_json(folder / artifact.CONFIG_FILE, {**config, artifact.MANIFEST_KEY: manifest})
+
+
+def _tensor_spec(name: str, tensor: torch.Tensor) -> dict[str, Any]:
+    return {"name": name, "shape": list(tensor.shape), "dtype": str(tensor.dtype).removeprefix("torch.")}
+
+
+def _module_args(module: torch.nn.Module) -> dict[str, Any]:
+    if isinstance(module, torch.nn.LayerNorm):
+        return {"normalized_shape": list(module.normalized_shape), "eps": module.eps}
+    raise ExportError(f"No recipe to rebuild {type(module).__name__} at load time.")

@@ -1,0 +1,213 @@
+"""What each diffusers component looks like as a graph: positional tensors in, a flat tuple out.
+
+A :class:`ComponentSpec` is everything the compiler and the validator need about one component:
+the traceable module, named example inputs at the static shapes, the names of its outputs and the
+config to write beside it. Random inputs come from a seeded generator so validation is repeatable.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..shapes import PipelineShapes
+
+
+@dataclass
+class ComponentSpec:
+    name: str  # folder name in the exported pipeline
+    role: str  # text_encoder | unet | vae_encoder | vae_decoder
+    module: torch.nn.Module
+    make_inputs: Callable[[torch.Generator], dict[str, torch.Tensor]]
+    output_names: list[str]
+    config: dict[str, Any]
+    # Which diffusers/transformers output class the runtime rebuilds from the flat outputs.
+    output_class: str | None = None
+    static: dict[str, Any] = field(default_factory=dict)
+    # Small eager pieces diffusers calls directly (e.g. CLIP's final LayerNorm for clip_skip).
+    extra_state: dict[str, torch.nn.Module] = field(default_factory=dict)
+
+    def example_inputs(self, seed: int = 0) -> dict[str, torch.Tensor]:
+        return self.make_inputs(torch.Generator().manual_seed(seed))
+
+
+def _config_dict(model: Any) -> dict[str, Any]:
+    config = model.config
+    return dict(config) if not hasattr(config, "to_dict") else config.to_dict()
+
+
+class _TextEncoderGraph(torch.nn.Module):
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor):
+        out = self.model(input_ids, output_hidden_states=True, return_dict=True)
+        flat = []
+        for key, value in out.items():
+            flat.extend(value if key == "hidden_states" else (value,))
+        return tuple(flat)
+
+
+def text_encoder_spec(name: str, model: torch.nn.Module, shapes: PipelineShapes) -> ComponentSpec:
+    """CLIP text encoders, with and without projection, returning every hidden state.
+
+    All hidden states are outputs because SDXL reads the penultimate one and ``clip_skip`` reads
+    earlier ones; on a 77-token sequence they cost a few MiB.
+    """
+    batch, seq = shapes.batch_size, shapes.sequence_length
+    vocab = model.config.vocab_size
+
+    def make_inputs(gen: torch.Generator) -> dict[str, torch.Tensor]:
+        return {"input_ids": torch.randint(0, vocab, (batch, seq), generator=gen)}
+
+    with torch.no_grad():
+        probe = model(make_inputs(torch.Generator().manual_seed(0))["input_ids"], output_hidden_states=True)
+    names = []
+    for key, value in probe.items():
+        names.extend(f"hidden_states.{i}" for i in range(len(value))) if key == "hidden_states" else names.append(key)
+    extra = {}
+    text_model = getattr(model, "text_model", None)
+    if text_model is not None and hasattr(text_model, "final_layer_norm"):
+        extra["final_layer_norm"] = text_model.final_layer_norm
+    return ComponentSpec(
+        name=name,
+        role="text_encoder",
+        module=_TextEncoderGraph(model).eval(),
+        make_inputs=make_inputs,
+        output_names=names,
+        config=_config_dict(model),
+        output_class=f"{type(probe).__module__}.{type(probe).__qualname__}",
+        static={"batch_size": batch, "sequence_length": seq},
+        extra_state=extra,
+    )
+
+
+class _UNetGraph(torch.nn.Module):
+    def __init__(self, unet: torch.nn.Module, input_names: list[str]):
+        super().__init__()
+        self.unet = unet
+        self.input_names = input_names
+
+    def forward(self, *tensors: torch.Tensor):
+        named = dict(zip(self.input_names, tensors))
+        added = {k: named[k] for k in ("text_embeds", "time_ids") if k in named}
+        return self.unet(
+            named["sample"],
+            named["timestep"],
+            encoder_hidden_states=named["encoder_hidden_states"],
+            timestep_cond=named.get("timestep_cond"),
+            added_cond_kwargs=added or None,
+            return_dict=False,
+        )
+
+
+def unet_spec(
+    unet: torch.nn.Module,
+    shapes: PipelineShapes,
+    vae_scale_factor: int,
+    *,
+    text_embeds_dim: int | None = None,
+    time_ids_dim: int | None = None,
+) -> ComponentSpec:
+    """The UNet at the batch it really receives: doubled when compiled for classifier-free guidance.
+
+    The timestep is a graph input of shape (batch,), so any scheduler can drive the compiled UNet.
+    """
+    config = unet.config
+    batch = shapes.unet_batch
+    h, w = shapes.height // vae_scale_factor, shapes.width // vae_scale_factor
+    cross_dim = config.cross_attention_dim
+    train_steps = 1000
+
+    def make_inputs(gen: torch.Generator) -> dict[str, torch.Tensor]:
+        inputs = {
+            "sample": torch.randn(batch, config.in_channels, h, w, generator=gen),
+            "timestep": torch.randint(0, train_steps, (batch,), generator=gen).float(),
+            "encoder_hidden_states": torch.randn(batch, shapes.sequence_length, cross_dim, generator=gen),
+        }
+        if config.time_cond_proj_dim is not None:
+            inputs["timestep_cond"] = torch.randn(batch, config.time_cond_proj_dim, generator=gen)
+        if text_embeds_dim is not None:
+            inputs["text_embeds"] = torch.randn(batch, text_embeds_dim, generator=gen)
+            inputs["time_ids"] = torch.randint(0, 1024, (batch, time_ids_dim), generator=gen).float()
+        return inputs
+
+    names = list(make_inputs(torch.Generator().manual_seed(0)))
+    return ComponentSpec(
+        name="unet",
+        role="unet",
+        module=_UNetGraph(unet, names).eval(),
+        make_inputs=make_inputs,
+        output_names=["sample"],
+        config=_config_dict(unet),
+        static={
+            "batch_size": batch,
+            "height": h,
+            "width": w,
+            "sequence_length": shapes.sequence_length,
+            "classifier_free_guidance": shapes.classifier_free_guidance,
+        },
+    )
+
+
+class _VaeDecoderGraph(torch.nn.Module):
+    def __init__(self, vae: torch.nn.Module):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, latent_sample: torch.Tensor):
+        return self.vae.decode(latent_sample, return_dict=False)
+
+
+class _VaeEncoderGraph(torch.nn.Module):
+    def __init__(self, vae: torch.nn.Module):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, sample: torch.Tensor):
+        # The moments (mean and log-variance) leave the graph; sampling from them stays in Python
+        # with the caller's generator, so img2img draws exactly the noise diffusers would.
+        return (self.vae.encode(sample).latent_dist.parameters,)
+
+
+def vae_decoder_spec(vae: torch.nn.Module, shapes: PipelineShapes, vae_scale_factor: int) -> ComponentSpec:
+    config = vae.config
+    batch = shapes.images
+    h, w = shapes.height // vae_scale_factor, shapes.width // vae_scale_factor
+
+    def make_inputs(gen: torch.Generator) -> dict[str, torch.Tensor]:
+        return {"latent_sample": torch.randn(batch, config.latent_channels, h, w, generator=gen)}
+
+    return ComponentSpec(
+        name="vae_decoder",
+        role="vae_decoder",
+        module=_VaeDecoderGraph(vae).eval(),
+        make_inputs=make_inputs,
+        output_names=["sample"],
+        config=_config_dict(vae),
+        static={"batch_size": batch, "height": h, "width": w},
+    )
+
+
+def vae_encoder_spec(vae: torch.nn.Module, shapes: PipelineShapes) -> ComponentSpec:
+    config = vae.config
+    # img2img and inpaint encode one image per prompt and repeat the latents afterwards.
+    batch = shapes.batch_size
+
+    def make_inputs(gen: torch.Generator) -> dict[str, torch.Tensor]:
+        image = torch.rand(batch, config.in_channels, shapes.height, shapes.width, generator=gen)
+        return {"sample": image * 2 - 1}
+
+    return ComponentSpec(
+        name="vae_encoder",
+        role="vae_encoder",
+        module=_VaeEncoderGraph(vae).eval(),
+        make_inputs=make_inputs,
+        output_names=["latent_parameters"],
+        config=_config_dict(vae),
+        static={"batch_size": batch, "height": shapes.height, "width": shapes.width},
+    )

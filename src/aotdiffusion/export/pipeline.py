@@ -1,0 +1,214 @@
+"""Exports a whole diffusers pipeline: every component compiled, validated and written with its manifest."""
+
+from __future__ import annotations
+
+import resource
+import shutil
+import threading
+import time
+from collections.abc import Callable
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import DiffusionPipeline
+
+from .. import artifact
+from ..runtime.compiled import CompiledComponent
+from ..shapes import PipelineShapes
+from .compile import CompilerOptions, compile_component, write_manifest
+from .components import ComponentSpec, text_encoder_spec, unet_spec, vae_decoder_spec, vae_encoder_spec
+from .validate import ValidationReport, validate_component
+
+# Pipeline attributes that are compiled; everything else (scheduler, tokenizers, feature extractor)
+# is saved by its own library and loaded back by it.
+COMPILED_ATTRIBUTES = ("text_encoder", "text_encoder_2", "unet", "vae")
+
+
+@dataclass
+class ComponentResult:
+    name: str
+    trace_s: float
+    compile_s: float
+    size_bytes: int
+    validation: ValidationReport | None
+
+
+def default_shapes(pipe: DiffusionPipeline, **requested: Any) -> PipelineShapes:
+    """Fills what the user left out from the model itself, the way diffusers' ``__call__`` does."""
+    unet = pipe.unet
+    sample_size = unet.config.sample_size
+    if isinstance(sample_size, int):
+        sample_size = (sample_size, sample_size)
+    requested = {k: v for k, v in requested.items() if v is not None}
+    requested.setdefault("height", sample_size[0] * pipe.vae_scale_factor)
+    requested.setdefault("width", sample_size[1] * pipe.vae_scale_factor)
+    is_lcm = unet.config.time_cond_proj_dim is not None
+    if is_lcm and requested.get("classifier_free_guidance"):
+        raise ValueError(
+            "This UNet takes its guidance scale as an embedding (LCM, `time_cond_proj_dim` is set) and never runs "
+            "a guidance batch: export it without --classifier-free-guidance."
+        )
+    requested.setdefault("classifier_free_guidance", not is_lcm)
+    tokenizer = getattr(pipe, "tokenizer", None) or getattr(pipe, "tokenizer_2", None)
+    requested.setdefault("sequence_length", tokenizer.model_max_length)
+    shapes = PipelineShapes(**requested)
+    shapes.check_divisible(pipe.vae_scale_factor, 2 ** (len(unet.config.block_out_channels) - 1))
+    return shapes
+
+
+def component_specs(
+    pipe: DiffusionPipeline, shapes: PipelineShapes, *, vae_encoder: bool = True
+) -> list[ComponentSpec]:
+    specs = []
+    for name in ("text_encoder", "text_encoder_2"):
+        model = getattr(pipe, name, None)
+        if model is not None:
+            specs.append(text_encoder_spec(name, model, shapes))
+    specs.append(unet_spec(pipe.unet, shapes, pipe.vae_scale_factor))
+    if vae_encoder:
+        specs.append(vae_encoder_spec(pipe.vae, shapes))
+    specs.append(vae_decoder_spec(pipe.vae, shapes, pipe.vae_scale_factor))
+    return specs
+
+
+@contextmanager
+def _heartbeat(log: Callable[[str], None], label: str, every: float = 30.0):
+    """Says every ``every`` seconds that a long phase is still running (a full-size UNet takes minutes)."""
+    start = time.perf_counter()
+    done = threading.Event()
+
+    def beat() -> None:
+        while not done.wait(every):
+            log(f"      ... {label} ({time.perf_counter() - start:.0f}s)")
+
+    thread = threading.Thread(target=beat, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
+
+
+def export_pipeline(
+    pipe: DiffusionPipeline,
+    output_dir: str | Path,
+    shapes: PipelineShapes,
+    options: CompilerOptions,
+    *,
+    pipeline_class: str,
+    validate: bool = True,
+    vae_encoder: bool = True,
+    log: Callable[[str], None] = print,
+    compile_fn: Callable[[ComponentSpec, CompilerOptions, Path], dict] = compile_component,
+) -> list[ComponentResult]:
+    """Writes an exported pipeline to ``output_dir``; returns one result per component.
+
+    ``compile_fn`` is the per-component compiler (a seam for tests that need a broken artifact).
+    """
+    output = Path(output_dir)
+    if output.exists() and any(output.iterdir()):
+        raise FileExistsError(f"{output} is not empty; choose a new output folder or remove it first.")
+    output.mkdir(parents=True, exist_ok=True)
+    pipe.set_progress_bar_config(disable=True)
+    specs = component_specs(pipe, shapes, vae_encoder=vae_encoder)
+    log(
+        f"Exporting {type(pipe).__name__} to {output}: {shapes.batch_size} prompt(s) x "
+        f"{shapes.num_images_per_prompt} image(s), {shapes.height}x{shapes.width}, "
+        f"guidance batch {'on' if shapes.classifier_free_guidance else 'off'}, {options.precision.describe()} "
+        f"on {options.device}"
+    )
+    results = []
+    for i, spec in enumerate(specs, 1):
+        log(f"[{i}/{len(specs)}] {spec.name}: tracing and compiling")
+        with _heartbeat(log, f"compiling {spec.name}"):
+            manifest = compile_fn(spec, options, output / spec.name)
+        report = None
+        if validate:
+            log(f"[{i}/{len(specs)}] {spec.name}: validating against eager PyTorch")
+            compiled = CompiledComponent(output / spec.name, device=options.device)
+            report = validate_component(spec, compiled, options.precision)
+            manifest["validation"] = report.to_dict()
+            write_manifest(output / spec.name, spec.config, manifest)
+        size = sum(record["bytes"] for record in manifest["files"].values())
+        timings = manifest["timings"]
+        results.append(ComponentResult(spec.name, timings["trace_s"], timings["compile_s"], size, report))
+        log(
+            f"[{i}/{len(specs)}] {spec.name}: done in {timings['trace_s'] + timings['compile_s']:.1f}s, "
+            f"{size / 2**20:.1f} MiB" + (f", max rel error {report.max_rel_error:.2e}" if report else ", not validated")
+        )
+    _save_uncompiled_parts(pipe, output)
+    _write_model_index(pipe, output, shapes, options, pipeline_class, [s.name for s in specs])
+    log(summary_table(results))
+    return results
+
+
+def _save_uncompiled_parts(pipe: DiffusionPipeline, output: Path) -> None:
+    for name, component in pipe.components.items():
+        if name in COMPILED_ATTRIBUTES or component is None or not hasattr(component, "save_pretrained"):
+            continue
+        if isinstance(component, torch.nn.Module):  # e.g. a safety checker or image encoder: not compiled here
+            continue
+        target = output / name
+        if target.exists():
+            shutil.rmtree(target)
+        component.save_pretrained(target)
+
+
+def _write_model_index(
+    pipe: DiffusionPipeline,
+    output: Path,
+    shapes: PipelineShapes,
+    options: CompilerOptions,
+    pipeline_class: str,
+    compiled: list[str],
+) -> None:
+    import diffusers
+
+    index: dict[str, Any] = {"_class_name": type(pipe).__name__, "_diffusers_version": diffusers.__version__}
+    for key, value in pipe.config.items():
+        if key.startswith("_"):
+            continue
+        component = pipe.components.get(key)
+        dropped = isinstance(component, torch.nn.Module) and key not in COMPILED_ATTRIBUTES
+        index[key] = [None, None] if dropped else (list(value) if isinstance(value, tuple) else value)
+    index[artifact.MANIFEST_KEY] = {
+        "format_version": artifact.FORMAT_VERSION,
+        "pipeline_class": pipeline_class,
+        "diffusers_class": type(pipe).__name__,
+        "shapes": shapes.to_dict(),
+        "components": compiled,
+        "precision": options.precision.to_dict(),
+        "device": options.device,
+        "versions": artifact.environment_versions(),
+    }
+    artifact.write_json(output / artifact.MODEL_INDEX_FILE, index)
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident memory of this process so far (Linux reports ru_maxrss in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def summary_table(results: list[ComponentResult]) -> str:
+    rows = [("component", "trace s", "compile s", "size MiB", "max abs err", "max rel err")]
+    for r in results:
+        v = r.validation
+        rows.append(
+            (
+                r.name,
+                f"{r.trace_s:.1f}",
+                f"{r.compile_s:.1f}",
+                f"{r.size_bytes / 2**20:.1f}",
+                f"{v.max_abs_error:.2e}" if v else "-",
+                f"{v.max_rel_error:.2e}" if v else "skipped",
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    lines.append(f"peak memory: {peak_rss_bytes() / 2**30:.2f} GiB")
+    return "\n".join(lines)

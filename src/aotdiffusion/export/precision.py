@@ -1,0 +1,159 @@
+"""Numeric precision of a compiled component: the ``--auto-cast`` / ``--auto-cast-type`` policy.
+
+* ``none``   everything in fp32 (``auto_cast_type`` is ignored).
+* ``matmul`` every matrix multiplication, convolution and attention (``linear``, ``conv*``,
+  ``matmul``/``mm``/``bmm``/``addmm``/``baddbmm``, ``einsum``, ``scaled_dot_product_attention``)
+  takes its inputs and weights in ``auto_cast_type`` and returns fp32; normalisations, activations,
+  residual additions, softmax outside SDPA and the timestep embedding stay in fp32. This is where
+  AMX and tensor cores earn their speed while accumulation-sensitive work keeps fp32 range.
+* ``all``    the weights and every operation run in ``auto_cast_type``.
+
+In every mode a compiled component takes fp32 inputs and returns fp32 outputs, so diffusers'
+scheduler arithmetic, guidance and image post-processing always run in fp32.
+
+``torch.autocast`` is not used for ``matmul``: under autocast the bf16 result of a convolution
+flows on into GroupNorm and SiLU in bf16, which is not "the rest in fp32".
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+
+AUTO_CAST_MODES = ("none", "matmul", "all")
+AUTO_CAST_TYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+# Tolerances of validation, as the largest absolute error over the largest absolute reference value
+# of each output. fp32 only differs from eager by reassociation inside fused kernels; bf16 keeps 8
+# bits of mantissa (relative rounding 2^-9 = 0.2% per op), and errors compound over the depth of a
+# UNet, so a few percent of the output's range is what an intact bf16 graph gives (measured: 0.5-2%
+# on random-weight SD components). A broken graph is off by 100%.
+RELATIVE_TOLERANCE = {torch.float32: 1e-3, torch.bfloat16: 6e-2, torch.float16: 2e-2}
+
+_LOW_PRECISION_FUNCTIONS = {
+    F.linear,
+    F.conv1d,
+    F.conv2d,
+    F.conv3d,
+    F.conv_transpose1d,
+    F.conv_transpose2d,
+    F.conv_transpose3d,
+    F.scaled_dot_product_attention,
+    torch.matmul,
+    torch.Tensor.matmul,
+    torch.Tensor.__matmul__,
+    torch.mm,
+    torch.bmm,
+    torch.addmm,
+    torch.baddbmm,
+    torch.einsum,
+}
+# The ATen names the functions above become in an exported graph, to prove the policy held.
+_LOW_PRECISION_ATEN = {
+    "linear",
+    "conv1d",
+    "conv2d",
+    "conv3d",
+    "convolution",
+    "conv_transpose1d",
+    "conv_transpose2d",
+    "conv_transpose3d",
+    "scaled_dot_product_attention",
+    "matmul",
+    "mm",
+    "bmm",
+    "addmm",
+    "baddbmm",
+    "einsum",
+}
+
+
+@dataclass(frozen=True)
+class Precision:
+    auto_cast: str = "matmul"
+    auto_cast_type: str = "bf16"
+
+    def __post_init__(self) -> None:
+        if self.auto_cast not in AUTO_CAST_MODES:
+            raise ValueError(f"`auto_cast` must be one of {AUTO_CAST_MODES}, got {self.auto_cast!r}.")
+        if self.auto_cast_type not in AUTO_CAST_TYPES:
+            raise ValueError(f"`auto_cast_type` must be one of {tuple(AUTO_CAST_TYPES)}, got {self.auto_cast_type!r}.")
+
+    @property
+    def low_dtype(self) -> torch.dtype:
+        """The narrowest type any operation runs in."""
+        return torch.float32 if self.auto_cast == "none" else AUTO_CAST_TYPES[self.auto_cast_type]
+
+    @property
+    def tolerance(self) -> float:
+        return RELATIVE_TOLERANCE[self.low_dtype]
+
+    def describe(self) -> str:
+        if self.low_dtype == torch.float32:
+            return "fp32"
+        return f"{self.auto_cast_type} ({'matmul/conv/attention' if self.auto_cast == 'matmul' else 'all ops'})"
+
+    def to_dict(self) -> dict[str, str]:
+        return {"auto_cast": self.auto_cast, "auto_cast_type": self.auto_cast_type}
+
+
+class CastMatmuls(TorchFunctionMode):
+    """Runs matmuls, convolutions and attention in ``dtype`` and hands fp32 back to everything else."""
+
+    def __init__(self, dtype: torch.dtype):
+        super().__init__()
+        self.dtype = dtype
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func not in _LOW_PRECISION_FUNCTIONS:
+            return func(*args, **kwargs)
+        out = func(*(self._cast(a) for a in args), **{k: self._cast(v) for k, v in kwargs.items()})
+        return out.float() if isinstance(out, torch.Tensor) and out.is_floating_point() else out
+
+    def _cast(self, value):
+        if isinstance(value, torch.Tensor) and value.is_floating_point():
+            return value.to(self.dtype)
+        if isinstance(value, (list, tuple)):
+            return type(value)(self._cast(v) for v in value)
+        return value
+
+
+class PrecisionWrapper(torch.nn.Module):
+    """Applies a :class:`Precision` around a traceable component, keeping its fp32 signature."""
+
+    def __init__(self, module: torch.nn.Module, precision: Precision):
+        super().__init__()
+        self.precision = precision
+        self.module = module.to(precision.low_dtype) if precision.auto_cast == "all" else module
+
+    def forward(self, *args: torch.Tensor):
+        if self.precision.low_dtype == torch.float32:
+            return self.module(*args)
+        if self.precision.auto_cast == "all":
+            low = self.precision.low_dtype
+            outputs = self.module(*(a.to(low) if a.is_floating_point() else a for a in args))
+            return tuple(o.float() for o in outputs)
+        with CastMatmuls(self.precision.low_dtype):
+            return self.module(*args)
+
+
+def full_precision_matmuls(graph: torch.fx.Graph, dtype: torch.dtype) -> list[str]:
+    """Names of matmul-like nodes in an exported graph whose inputs are not ``dtype``.
+
+    Empty when the cast policy covered every matrix multiplication in the model.
+    """
+    missed = []
+    for node in graph.nodes:
+        if node.op != "call_function":
+            continue
+        name = getattr(node.target, "__name__", "").split(".")[0]
+        if name not in _LOW_PRECISION_ATEN:
+            continue
+        first = node.args[0].meta.get("val") if node.args and hasattr(node.args[0], "meta") else None
+        if first is not None and first.dtype != dtype:
+            missed.append(node.name)
+    return missed

@@ -1,0 +1,75 @@
+"""Compiled against eager: the same random inputs through both, compared output by output."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..runtime.compiled import CompiledComponent
+from .components import ComponentSpec
+from .precision import Precision
+
+
+class ValidationError(RuntimeError):
+    """A compiled component whose outputs differ from eager PyTorch beyond the precision's tolerance."""
+
+
+@dataclass
+class ValidationReport:
+    component: str
+    max_abs_error: float
+    max_rel_error: float  # largest absolute error over the largest absolute reference value
+    tolerance: float
+    worst_output: str
+
+    @property
+    def passed(self) -> bool:
+        return self.max_rel_error <= self.tolerance
+
+    def to_dict(self) -> dict:
+        return {
+            "max_abs_error": self.max_abs_error,
+            "max_rel_error": self.max_rel_error,
+            "tolerance": self.tolerance,
+            "worst_output": self.worst_output,
+            "passed": self.passed,
+        }
+
+
+def validate_component(
+    spec: ComponentSpec, compiled: CompiledComponent, precision: Precision, *, seed: int = 1
+) -> ValidationReport:
+    """Runs eager fp32 and the compiled graph on fresh random inputs (not the tracing example).
+
+    Raises :class:`ValidationError` naming the component and its errors when the tolerance is exceeded.
+    """
+    inputs = spec.example_inputs(seed)
+    with torch.no_grad():
+        expected = spec.module(*(t.to(compiled.device) for t in inputs.values()))
+    actual = compiled(**inputs)
+    worst = ValidationReport(spec.name, 0.0, 0.0, precision.tolerance, spec.output_names[0])
+    for name, ref in zip(spec.output_names, expected):
+        got = actual[name].to(ref.device, ref.dtype)
+        if got.shape != ref.shape:
+            raise ValidationError(
+                f"{spec.name}: output `{name}` has shape {tuple(got.shape)}, eager {tuple(ref.shape)}."
+            )
+        if not torch.isfinite(got).all():
+            raise ValidationError(
+                f"{spec.name}: output `{name}` has NaN/inf values in {precision.describe()} (eager has none: "
+                f"{bool(torch.isfinite(ref).all())}). The model overflows in this precision; export with "
+                "--auto-cast-type bf16 or --auto-cast none."
+            )
+        abs_err = (got - ref).abs().max().item()
+        rel_err = abs_err / max(ref.abs().max().item(), 1e-12)
+        if rel_err >= worst.max_rel_error:
+            worst = ValidationReport(spec.name, abs_err, rel_err, precision.tolerance, name)
+    if not worst.passed:
+        raise ValidationError(
+            f"{spec.name} does not match eager PyTorch: output `{worst.worst_output}` max abs error "
+            f"{worst.max_abs_error:.3g}, relative error {worst.max_rel_error:.3g} > tolerance {worst.tolerance:g} "
+            f"for {precision.describe()}. The compiled artifact is wrong; report it with the versions in "
+            f"{compiled.folder}/config.json, or export with --disable-validation to inspect it."
+        )
+    return worst

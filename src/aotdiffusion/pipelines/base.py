@@ -1,0 +1,283 @@
+"""What every compiled pipeline adds to its diffusers parent: load, export, save, push, and static-shape checks.
+
+A compiled pipeline is ``class AOTXPipeline(AOTPipelineMixin, XPipeline)``: diffusers' own ``__call__``
+runs the denoising loop, and this mixin only checks the call against the compiled shapes first.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import DiffusionPipeline
+
+from .. import artifact
+from ..export.compile import CompilerOptions
+from ..export.pipeline import COMPILED_ATTRIBUTES, default_shapes, export_pipeline
+from ..export.precision import Precision
+from ..runtime.compiled import CompiledComponent
+from ..runtime.components import AOTAutoencoderKL, AOTTextEncoder, AOTUNet
+from ..shapes import PipelineShapes
+
+
+class AOTPipelineMixin:
+    """Mixed in before a diffusers pipeline class; ``diffusers_class`` names that parent."""
+
+    diffusers_class: type[DiffusionPipeline]
+
+    # ----------------------------------------------------------------------------------- loading
+    @classmethod
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path: str | Path,
+        *,
+        export: bool = False,
+        device: str | None = None,
+        verify_checksums: bool = False,
+        # export-only: compiler arguments
+        auto_cast: str = "matmul",
+        auto_cast_type: str = "bf16",
+        validate: bool = True,
+        freezing: bool = True,
+        vae_encoder: bool = True,
+        unet_id: str | None = None,
+        export_dir: str | Path | None = None,
+        # export-only: input shapes
+        batch_size: int | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        num_images_per_prompt: int | None = None,
+        classifier_free_guidance: bool | None = None,
+        **hub_kwargs: Any,
+    ):
+        """Loads an exported pipeline, or with ``export=True`` compiles a diffusers one first.
+
+        Without ``export`` nothing is compiled: the folder (or Hub repository) must hold an export.
+        ``hub_kwargs`` (``revision``, ``token``, ``cache_dir``, ``local_files_only``...) go to the Hub.
+        """
+        if not export:
+            folder = _local_or_download(pretrained_model_name_or_path, hub_kwargs)
+            return cls._from_exported(folder, device=device, verify_checksums=verify_checksums)
+
+        source = cls.load_source(pretrained_model_name_or_path, unet_id=unet_id, **hub_kwargs)
+        shapes = default_shapes(
+            source,
+            batch_size=batch_size,
+            height=height,
+            width=width,
+            num_images_per_prompt=num_images_per_prompt,
+            classifier_free_guidance=classifier_free_guidance,
+        )
+        options = CompilerOptions(Precision(auto_cast, auto_cast_type), device=device or "cpu", freezing=freezing)
+        tmp = None
+        if export_dir is None:
+            tmp = tempfile.TemporaryDirectory(prefix="aotdiffusion-")
+            export_dir = tmp.name
+        export_pipeline(
+            source,
+            export_dir,
+            shapes,
+            options,
+            pipeline_class=cls.__name__,
+            validate=validate,
+            vae_encoder=vae_encoder,
+        )
+        del source
+        pipe = cls._from_exported(Path(export_dir), device=device)
+        pipe._export_tmpdir = tmp  # lives as long as the pipeline: save_pretrained copies from it
+        return pipe
+
+    @classmethod
+    def load_source(cls, model_id: str | Path, *, unet_id: str | None = None, **hub_kwargs: Any) -> DiffusionPipeline:
+        """The eager fp32 diffusers pipeline to compile (the safety checker is not compiled: see README)."""
+        extra = {}
+        if unet_id is not None:
+            from diffusers import UNet2DConditionModel
+
+            extra["unet"] = UNet2DConditionModel.from_pretrained(unet_id, dtype=torch.float32, **hub_kwargs)
+        init_params = inspect.signature(cls.diffusers_class.__init__).parameters
+        if "safety_checker" in init_params:
+            extra.update(safety_checker=None, requires_safety_checker=False)
+        pipe = cls.diffusers_class.from_pretrained(str(model_id), dtype=torch.float32, **extra, **hub_kwargs)
+        return pipe
+
+    @classmethod
+    def _from_exported(cls, folder: Path, *, device: str | None = None, verify_checksums: bool = False):
+        index, block = artifact.read_pipeline_index(folder)
+        compiled = {
+            name: CompiledComponent(folder / name, device=device, verify_checksums=verify_checksums)
+            for name in block["components"]
+        }
+        components: dict[str, Any] = {}
+        for name in ("text_encoder", "text_encoder_2"):
+            if name in compiled:
+                components[name] = AOTTextEncoder(compiled[name])
+        components["unet"] = AOTUNet(compiled["unet"])
+        components["vae"] = AOTAutoencoderKL(compiled["vae_decoder"], compiled.get("vae_encoder"))
+        for name, entry in index.items():
+            if name.startswith("_") or name in components or not isinstance(entry, list):
+                continue
+            library, class_name = entry
+            if library is None or not (folder / name).is_dir():
+                continue
+            components[name] = getattr(importlib.import_module(library), class_name).from_pretrained(folder / name)
+        kwargs: dict[str, Any] = {}
+        params = inspect.signature(cls.__init__).parameters
+        for name, param in params.items():
+            if name == "self" or param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
+                continue
+            if name in components:
+                kwargs[name] = components[name]
+            elif param.default is inspect.Parameter.empty:  # safety_checker, feature_extractor: None is accepted
+                kwargs[name] = None
+        if "requires_safety_checker" in params:  # no checker is compiled; diffusers would warn on every load
+            kwargs["requires_safety_checker"] = False
+        pipe = cls(**kwargs)
+        pipe._artifact_dir = folder
+        pipe._export_tmpdir = None
+        pipe.static_shapes = PipelineShapes.from_dict(block["shapes"])
+        pipe.compiled_device = torch.device(device or block["device"])
+        return pipe
+
+    # ------------------------------------------------------------------------- saving, sharing
+    def save_pretrained(self, save_directory: str | Path, **kwargs: Any) -> None:
+        """Copies the compiled artifacts and saves the current scheduler/tokenizers over the exported ones.
+
+        A scheduler swapped after loading is what gets saved, as with a diffusers pipeline.
+        """
+        target = Path(save_directory)
+        source = Path(self._artifact_dir)
+        if target.resolve() != source.resolve():
+            shutil.copytree(source, target, dirs_exist_ok=True)
+        index = artifact.read_json(target / artifact.MODEL_INDEX_FILE)
+        compiled = set(index[artifact.MANIFEST_KEY]["components"])
+        for name, component in self.components.items():
+            if name in COMPILED_ATTRIBUTES or name in compiled or component is None:
+                continue
+            if not hasattr(component, "save_pretrained") or isinstance(component, torch.nn.Module):
+                continue
+            if (target / name).exists():
+                shutil.rmtree(target / name)
+            component.save_pretrained(target / name)
+            index[name] = [type(component).__module__.split(".")[0], type(component).__name__]
+        artifact.write_json(target / artifact.MODEL_INDEX_FILE, index)
+
+    def push_to_hub(
+        self,
+        save_directory: str | Path,
+        repository_id: str,
+        *,
+        private: bool | None = None,
+        token: str | bool | None = None,
+        use_auth_token: str | bool | None = None,
+        commit_message: str = "Upload aotdiffusion compiled pipeline",
+    ) -> str:
+        """Uploads a saved export (``save_pretrained``'s folder) to a Hub model repository; returns its URL.
+
+        ``use_auth_token`` is accepted for optimum-neuron's call; ``True`` means the stored login token.
+        """
+        from huggingface_hub import HfApi
+
+        folder = Path(save_directory)
+        artifact.read_pipeline_index(folder)  # refuse to upload something that is not an export
+        token = token if token is not None else use_auth_token
+        api = HfApi(token=None if token is True else token)
+        repo = api.create_repo(repository_id, private=private, exist_ok=True)
+        api.upload_folder(folder_path=str(folder), repo_id=repository_id, commit_message=commit_message)
+        return str(getattr(repo, "url", repo))
+
+    # ---------------------------------------------------------------------------- device rules
+    @property
+    def device(self) -> torch.device:
+        return self.compiled_device
+
+    @property
+    def _execution_device(self) -> torch.device:
+        return self.compiled_device
+
+    def to(self, *args: Any, **kwargs: Any):
+        for part in (getattr(self, n, None) for n in COMPILED_ATTRIBUTES):
+            if part is not None:
+                part.to(*args, **kwargs)
+        return self
+
+    # ----------------------------------------------------------------------------------- calling
+    def __call__(self, *args: Any, **kwargs: Any):
+        bound = inspect.signature(self.diffusers_class.__call__).bind(self, *args, **kwargs)
+        bound.apply_defaults()
+        call = dict(bound.arguments)
+        call.pop("self")
+        extra = call.pop("kwargs", {})
+        self.check_call(call)
+        return super().__call__(**call, **extra)
+
+    def check_call(self, call: dict[str, Any]) -> None:
+        """Raises ``ValueError`` for any call the compiled shapes cannot serve; fills in height/width.
+
+        Never resizes or overrides silently: the message names what was compiled, what was asked and
+        the export flags that would allow the call.
+        """
+        shapes = self.static_shapes
+        for name in ("height", "width"):
+            if call.get(name) is None:
+                call[name] = getattr(shapes, name)
+        if (call["height"], call["width"]) != (shapes.height, shapes.width):
+            raise ValueError(
+                f"This pipeline was compiled for {shapes.height}x{shapes.width} images (height x width) but was "
+                f"called with height={call['height']}, width={call['width']}. Leave height and width out, or export "
+                f"again with --height {call['height']} --width {call['width']}."
+            )
+        nipp = call.get("num_images_per_prompt") or 1
+        if nipp != shapes.num_images_per_prompt:
+            raise ValueError(
+                f"This pipeline was compiled for num_images_per_prompt={shapes.num_images_per_prompt} but was called "
+                f"with num_images_per_prompt={nipp}. Call it with num_images_per_prompt="
+                f"{shapes.num_images_per_prompt}, or export again with --num-images-per-prompt {nipp}."
+            )
+        batch = _prompt_batch(call)
+        if batch is not None and batch != shapes.batch_size:
+            raise ValueError(
+                f"This pipeline was compiled for batch_size={shapes.batch_size} prompt(s) per call but was called "
+                f"with {batch}. Pass {shapes.batch_size} prompt(s), or export again with --batch-size {batch}."
+            )
+        scale = call.get("guidance_scale")
+        if scale is not None:
+            wants_guidance = scale > 1 and self.unet.config.time_cond_proj_dim is None
+            if wants_guidance and not shapes.classifier_free_guidance:
+                raise ValueError(
+                    f"guidance_scale={scale} asks for classifier-free guidance, but the UNet was compiled without the "
+                    f"guidance batch (batch {self.unet.batch_size}). Call with guidance_scale=0.0 (or <= 1), or export "
+                    "again without --no-classifier-free-guidance."
+                )
+            if not wants_guidance and shapes.classifier_free_guidance:
+                raise ValueError(
+                    f"guidance_scale={scale} turns classifier-free guidance off, but the UNet was compiled for the "
+                    f"guidance batch (batch {self.unet.batch_size}). Call with guidance_scale > 1, or export again "
+                    "with --no-classifier-free-guidance."
+                )
+
+
+def _prompt_batch(call: dict[str, Any]) -> int | None:
+    prompt = call.get("prompt")
+    if isinstance(prompt, str):
+        return 1
+    if isinstance(prompt, list):
+        return len(prompt)
+    embeds = call.get("prompt_embeds")
+    return embeds.shape[0] if embeds is not None else None
+
+
+def _local_or_download(model: str | Path, hub_kwargs: dict[str, Any]) -> Path:
+    path = Path(model)
+    if path.is_dir():
+        return path
+    if path.exists() or str(model).startswith((".", "/")):
+        raise FileNotFoundError(f"{model} is not a folder with an exported pipeline.")
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(str(model), **hub_kwargs))

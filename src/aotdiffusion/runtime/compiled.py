@@ -1,0 +1,81 @@
+"""Loads one compiled component and runs it, checking every input against its static shape.
+
+Nothing here compiles: a ``.pt2`` package holds the generated shared library, which is loaded as is.
+"""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers.configuration_utils import FrozenDict
+from safetensors.torch import load_file
+
+from .. import artifact
+
+_DTYPES = {"float32": torch.float32, "int64": torch.int64, "int32": torch.int32}
+
+
+class CompiledComponent:
+    """A compiled graph plus the config and manifest it was exported with."""
+
+    def __init__(self, folder: str | Path, *, device: str | None = None, verify_checksums: bool = False):
+        self.folder = Path(folder)
+        self.name = self.folder.name
+        config, self.manifest = artifact.read_component(self.folder, verify_checksums=verify_checksums)
+        self.config = FrozenDict(config)
+        self.device = torch.device(device or self.manifest["device"])
+        graph = self.manifest["graphs"][0]
+        self.inputs: list[dict[str, Any]] = graph["inputs"]
+        self.output_names: list[str] = graph["outputs"]
+        device_index = self.device.index if self.device.index is not None else -1
+        self._runner = torch._inductor.aoti_load_package(str(self.folder / graph["file"]), device_index=device_index)
+
+    @property
+    def static(self) -> dict[str, Any]:
+        return self.manifest["static"]
+
+    def input_shape(self, name: str) -> tuple[int, ...]:
+        return next(tuple(spec["shape"]) for spec in self.inputs if spec["name"] == name)
+
+    def __call__(self, **tensors: torch.Tensor) -> dict[str, torch.Tensor]:
+        args = []
+        for spec in self.inputs:
+            name = spec["name"]
+            if name not in tensors or tensors[name] is None:
+                raise ValueError(f"{self.name} needs the input `{name}`, which was not given.")
+            tensor = tensors.pop(name)
+            if tuple(tensor.shape) != tuple(spec["shape"]):
+                raise ValueError(
+                    f"{self.name} was compiled for `{name}` of shape {tuple(spec['shape'])} but got "
+                    f"{tuple(tensor.shape)}. Static shapes are fixed at export: export again with the shape you need."
+                )
+            args.append(tensor.to(device=self.device, dtype=_DTYPES[spec["dtype"]]).contiguous())
+        unexpected = [k for k, v in tensors.items() if v is not None]
+        if unexpected:
+            raise ValueError(
+                f"{self.name} was compiled without the inputs {unexpected}; export again from a model that takes them."
+            )
+        outputs = self._runner(*args)
+        if isinstance(outputs, torch.Tensor):
+            outputs = (outputs,)
+        return dict(zip(self.output_names, outputs))
+
+    def load_extra_state(self, name: str) -> torch.nn.Module | None:
+        """Rebuilds a small eager module saved beside the graph (e.g. CLIP's final LayerNorm)."""
+        record = self.manifest.get("extra_state", {}).get(name)
+        if record is None:
+            return None
+        module_name, _, class_name = record["class"].rpartition(".")
+        module = getattr(importlib.import_module(module_name), class_name)(**record["args"])
+        module.load_state_dict(load_file(self.folder / record["file"]))
+        return module.eval().to(self.device)
+
+    def output_class(self) -> type | None:
+        qualified = self.manifest.get("output_class")
+        if not qualified:
+            return None
+        module_name, _, class_name = qualified.rpartition(".")
+        return getattr(importlib.import_module(module_name), class_name)

@@ -1,0 +1,185 @@
+"""Compiled components dressed as the diffusers/transformers models a pipeline expects.
+
+This is the one module of compatibility shims: every attribute and call signature diffusers' own
+``__call__`` touches on a text encoder, UNet or VAE (see the component contract in the docs) is
+answered here, and nothing else in the project imitates diffusers.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+from diffusers.models.autoencoders.vae import DecoderOutput, DiagonalGaussianDistribution
+from diffusers.models.modeling_outputs import AutoencoderKLOutput
+from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
+
+from .compiled import CompiledComponent
+
+
+class AOTModelPart:
+    """What every compiled part shares: config, fp32 interface dtype, fixed device.
+
+    Compiled components take and return fp32 whatever precision they run in inside, so ``dtype`` is
+    fp32: diffusers then keeps latents and embeddings in fp32 and its scheduler math stays exact.
+    """
+
+    dtype = torch.float32
+
+    def __init__(self, compiled: CompiledComponent):
+        self.compiled = compiled
+        self.config = compiled.config
+
+    @property
+    def device(self) -> torch.device:
+        return self.compiled.device
+
+    def to(self, *args: Any, **kwargs: Any) -> AOTModelPart:
+        """Accepts only the device and dtype it was compiled for: a compiled graph cannot move."""
+        for value in [*args, kwargs.get("device"), kwargs.get("dtype")]:
+            if value is None:
+                continue
+            if isinstance(value, torch.dtype):
+                if value != self.dtype:
+                    raise ValueError(
+                        f"{self.compiled.name} is compiled and exchanges {self.dtype} tensors; it cannot be cast to "
+                        f"{value}. Choose the compute precision at export with --auto-cast/--auto-cast-type."
+                    )
+            elif torch.device(value).type != self.device.type:
+                raise ValueError(
+                    f"{self.compiled.name} was compiled for {self.device} and cannot move to {value}. "
+                    f"Export again with --device {torch.device(value).type}."
+                )
+        return self
+
+    def modules(self):
+        # diffusers walks modules() for LoRA scaling and offload hooks; a compiled graph has none.
+        return iter(())
+
+    def parameters(self):
+        return iter(())
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.compiled.folder}, {self.compiled.manifest['precision']})"
+
+
+class AOTTextEncoder(AOTModelPart):
+    def __init__(self, compiled: CompiledComponent):
+        super().__init__(compiled)
+        self._output_class = compiled.output_class()
+        final_layer_norm = compiled.load_extra_state("final_layer_norm")
+        # diffusers applies the final LayerNorm itself when clip_skip picks an earlier hidden state.
+        self.text_model = SimpleNamespace(final_layer_norm=final_layer_norm)
+
+    def __call__(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool = True,
+        **kwargs: Any,
+    ):
+        if attention_mask is not None and not bool(attention_mask.all()):
+            raise ValueError(
+                f"{self.compiled.name} was compiled for full 77-token sequences without an attention mask; "
+                "a padded attention mask cannot be applied to it."
+            )
+        outputs = self.compiled(input_ids=input_ids)
+        hidden = tuple(v for k, v in outputs.items() if k.startswith("hidden_states."))
+        fields = {k: v for k, v in outputs.items() if not k.startswith("hidden_states.")}
+        fields["hidden_states"] = hidden if output_hidden_states else None
+        result = self._output_class(**fields)
+        return result if return_dict else result.to_tuple()
+
+
+class AOTUNet(AOTModelPart):
+    def __init__(self, compiled: CompiledComponent):
+        super().__init__(compiled)
+        in_features = compiled.manifest.get("add_embedding_in_features")
+        if in_features is not None:  # SDXL validates its time ids against this
+            self.add_embedding = SimpleNamespace(linear_1=SimpleNamespace(in_features=in_features))
+
+    @property
+    def batch_size(self) -> int:
+        return self.compiled.input_shape("sample")[0]
+
+    def __call__(
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor | float | int,
+        encoder_hidden_states: torch.Tensor,
+        timestep_cond: torch.Tensor | None = None,
+        cross_attention_kwargs: dict[str, Any] | None = None,
+        added_cond_kwargs: dict[str, torch.Tensor] | None = None,
+        return_dict: bool = True,
+        **kwargs: Any,
+    ):
+        if cross_attention_kwargs:
+            raise ValueError(
+                f"`cross_attention_kwargs` ({sorted(cross_attention_kwargs)}) change the UNet's graph and cannot be "
+                "applied to a compiled UNet; fuse LoRA weights into the model before export instead."
+            )
+        unsupported = sorted(k for k, v in kwargs.items() if v is not None)
+        if unsupported:
+            raise ValueError(f"The compiled UNet does not take {unsupported}.")
+        # The UNet embeds the timestep in fp32 whatever the scheduler's type (int64 for DDIM/PNDM,
+        # float for Euler), so a float32 vector of the batch size is exactly what eager computes with.
+        timestep = torch.as_tensor(timestep, device=sample.device).to(torch.float32).reshape(-1)
+        timestep = timestep.expand(sample.shape[0])
+        added = added_cond_kwargs or {}
+        out = self.compiled(
+            sample=sample,
+            timestep=timestep,
+            encoder_hidden_states=encoder_hidden_states,
+            timestep_cond=timestep_cond,
+            text_embeds=added.get("text_embeds"),
+            time_ids=added.get("time_ids"),
+        )["sample"]
+        return UNet2DConditionOutput(sample=out) if return_dict else (out,)
+
+
+class AOTAutoencoderKL:
+    """The VAE as diffusers sees it: ``encode`` and ``decode`` over two compiled graphs."""
+
+    dtype = torch.float32
+
+    def __init__(self, decoder: CompiledComponent, encoder: CompiledComponent | None = None):
+        self.decoder = decoder
+        self.encoder = encoder
+        self.config = decoder.config
+
+    @property
+    def device(self) -> torch.device:
+        return self.decoder.device
+
+    to = AOTModelPart.to
+    modules = AOTModelPart.modules
+    parameters = AOTModelPart.parameters
+
+    @property
+    def compiled(self) -> CompiledComponent:  # for AOTModelPart.to's messages
+        return self.decoder
+
+    def encode(self, x: torch.Tensor, return_dict: bool = True):
+        if self.encoder is None:
+            raise ValueError(
+                "This pipeline was exported without a VAE encoder, which image-to-image and inpainting need. "
+                "Export it again with the encoder (the default)."
+            )
+        moments = self.encoder(sample=x)["latent_parameters"]
+        posterior = DiagonalGaussianDistribution(moments)
+        return AutoencoderKLOutput(latent_dist=posterior) if return_dict else (posterior,)
+
+    def decode(self, z: torch.Tensor, return_dict: bool = True, generator: torch.Generator | None = None):
+        sample = self.decoder(latent_sample=z)["sample"]
+        if not torch.isfinite(sample).all():
+            raise FloatingPointError(
+                "The VAE decoder produced NaN or infinite values, which would come out as black images. "
+                f"It runs in {self.decoder.manifest['precision']}; fp16 overflows in the SD/SDXL VAE: export with "
+                "--auto-cast-type bf16 or --auto-cast none."
+            )
+        return DecoderOutput(sample=sample) if return_dict else (sample,)
+
+    def __repr__(self) -> str:
+        return f"AOTAutoencoderKL(decoder={self.decoder.folder}, encoder={self.encoder and self.encoder.folder})"

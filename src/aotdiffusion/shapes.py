@@ -1,0 +1,58 @@
+"""The static shapes a pipeline is compiled for, and the batch each component really sees."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+
+@dataclass(frozen=True)
+class PipelineShapes:
+    """What the user asked to compile for, in the user's own units (prompts, pixels).
+
+    Every component's static input shape is derived from these numbers, so they are the single
+    source of truth for both export and the call-time checks.
+    """
+
+    batch_size: int = 1
+    height: int = 512
+    width: int = 512
+    num_images_per_prompt: int = 1
+    # Classifier-free guidance runs the UNet on the negative and positive halves in one batch, so a
+    # UNet compiled for guidance sees twice the images. LCM and Turbo models run without it.
+    classifier_free_guidance: bool = True
+    sequence_length: int = 77
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "num_images_per_prompt", "height", "width", "sequence_length"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
+
+    def check_divisible(self, vae_scale_factor: int, unet_downsampling: int) -> None:
+        """Height and width must map onto whole latent pixels at every UNet resolution level."""
+        multiple = vae_scale_factor * unet_downsampling
+        for name in ("height", "width"):
+            value = getattr(self, name)
+            if value % multiple:
+                lower = max(multiple, value // multiple * multiple)
+                raise ValueError(
+                    f"`{name}` has to be divisible by {multiple} for this model (VAE scale factor "
+                    f"{vae_scale_factor} x UNet downsampling {unet_downsampling}) but is {value}. "
+                    f"Use --{name} {lower} or --{name} {lower + multiple}."
+                )
+
+    @property
+    def images(self) -> int:
+        """Images produced per call: the batch of the VAE decoder."""
+        return self.batch_size * self.num_images_per_prompt
+
+    @property
+    def unet_batch(self) -> int:
+        return self.images * (2 if self.classifier_free_guidance else 1)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> PipelineShapes:
+        return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})

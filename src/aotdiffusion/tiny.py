@@ -1,0 +1,156 @@
+"""Tiny random-weight pipelines built from configs, with a real CLIP BPE tokenizer, and no network.
+
+They use the real classes (UNet2DConditionModel, AutoencoderKL, CLIPTextModel, CLIPTokenizer, a
+diffusers scheduler) scaled down, and are saved as ordinary diffusers folders, so tests and the demo
+go through exactly the loading code a hub model goes through.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+# Prompt-like text the tokenizer's merges are learned from, so common words become single tokens.
+_CORPUS = """a photo of an astronaut riding a horse on mars, a painting of a fox in the snow, a cat sitting on a
+park bench, high resolution, detailed, 8k, oil painting of a beautiful landscape with mountains and a lake,
+sunlight and clouds in the sky, warm colors, a majestic lion jumping from a big stone at night, portrait of a
+woman, cinematic lighting, a dog running by the river, fantasy castle, watercolor, photograph, city street"""
+
+
+def _byte_alphabet() -> list[str]:
+    """GPT-2/CLIP byte-level alphabet: printable bytes map to themselves, the rest above 255."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    shifted = 0
+    chars = {}
+    for byte in range(256):
+        if byte in printable:
+            chars[byte] = chr(byte)
+        else:
+            chars[byte] = chr(256 + shifted)
+            shifted += 1
+    return [chars[b] for b in range(256)]
+
+
+def _learn_merges(text: str, count: int) -> list[tuple[str, str]]:
+    words = Counter(text.lower().replace(",", " ").split())
+    vocab = {tuple(w[:-1]) + (w[-1] + "</w>",): n for w, n in words.items()}
+    merges = []
+    for _ in range(count):
+        pairs: Counter = Counter()
+        for symbols, n in vocab.items():
+            for pair in zip(symbols, symbols[1:]):
+                pairs[pair] += n
+        if not pairs:
+            break
+        best = max(pairs, key=lambda p: (pairs[p], p))
+        merges.append(best)
+        merged = {}
+        for symbols, n in vocab.items():
+            out, i = [], 0
+            while i < len(symbols):
+                if i + 1 < len(symbols) and (symbols[i], symbols[i + 1]) == best:
+                    out.append(symbols[i] + symbols[i + 1])
+                    i += 2
+                else:
+                    out.append(symbols[i])
+                    i += 1
+            merged[tuple(out)] = n
+        vocab = merged
+    return merges
+
+
+def tiny_clip_tokenizer(model_max_length: int = 77):
+    from transformers import CLIPTokenizer
+
+    alphabet = _byte_alphabet()
+    merges = _learn_merges(_CORPUS, 200)
+    tokens = alphabet + [c + "</w>" for c in alphabet] + ["".join(m) for m in merges]
+    tokens += ["<|startoftext|>", "<|endoftext|>"]
+    with tempfile.TemporaryDirectory() as tmp:
+        vocab_file, merges_file = Path(tmp, "vocab.json"), Path(tmp, "merges.txt")
+        vocab_file.write_text(json.dumps({t: i for i, t in enumerate(tokens)}))
+        merges_file.write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
+        return CLIPTokenizer(str(vocab_file), str(merges_file), model_max_length=model_max_length)
+
+
+def tiny_stable_diffusion(seed: int = 0):
+    """A StableDiffusionPipeline small enough to compile in about a minute, producing 64x64 images."""
+    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    tokenizer = tiny_clip_tokenizer()
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        sample_size=32,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=8,
+        norm_num_groups=32,
+    )
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(
+        block_out_channels=[32, 64],
+        in_channels=3,
+        out_channels=3,
+        down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"],
+        up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"],
+        latent_channels=4,
+        norm_num_groups=32,
+        sample_size=64,
+    )
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            intermediate_size=37,
+            num_attention_heads=4,
+            num_hidden_layers=5,
+            max_position_embeddings=tokenizer.model_max_length,
+            layer_norm_eps=1e-5,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            projection_dim=32,
+        )
+    )
+    # Stable Diffusion 1.5's own scheduler settings.
+    scheduler = PNDMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        num_train_timesteps=1000,
+        skip_prk_steps=True,
+        steps_offset=1,
+        set_alpha_to_one=False,
+    )
+    return StableDiffusionPipeline(
+        vae=vae.eval(),
+        text_encoder=text_encoder.eval(),
+        tokenizer=tokenizer,
+        unet=unet.eval(),
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+TINY_MODELS = {"sd": tiny_stable_diffusion}
+
+
+def save_tiny(kind: str, path: str | Path) -> Path:
+    if kind not in TINY_MODELS:
+        raise ValueError(f"Unknown tiny model {kind!r}; choose one of {sorted(TINY_MODELS)}.")
+    path = Path(path)
+    TINY_MODELS[kind]().save_pretrained(path)
+    return path
