@@ -55,16 +55,41 @@ def environment_versions() -> dict[str, str]:
 
 
 def cpu_isa() -> str:
-    """The widest vector ISA inductor generates code for on this CPU ("amx", "avx512", "avx2", ...)."""
+    """The widest vector ISA inductor generates code for on this CPU ("avx512 avx512_vnni", "avx2", ...).
+
+    Export time only: inductor answers this by test-compiling a program.
+    """
     from torch._inductor import cpu_vec_isa
 
     return str(cpu_vec_isa.pick_vec_isa()) or "none"
 
 
-def supported_cpu_isas() -> list[str]:
-    from torch._inductor import cpu_vec_isa
+# The /proc/cpuinfo flags each inductor ISA's generated code executes (it compiles with -mavx512f
+# -mavx512dq -mavx512vl -mavx512bw, -mamx-tile -mamx-bf16, -mavx2 -mfma...).
+_ISA_FLAGS = {
+    "avx2": ["avx2", "fma"],
+    "avx512": ["avx512f", "avx512dq", "avx512vl", "avx512bw", "fma"],
+    "amx": ["avx512f", "avx512dq", "avx512vl", "avx512bw", "fma", "amx_tile", "amx_bf16"],
+}
 
-    return [str(isa) for isa in cpu_vec_isa.valid_vec_isa_list()] + ["none"]
+
+def required_cpu_flags(isa: str) -> list[str]:
+    """Flags for an ISA string such as "avx512 avx512_vnni"; extension names are cpuinfo flags already."""
+    if isa == "none":
+        return []
+    return sorted({flag for token in isa.split() for flag in _ISA_FLAGS.get(token, [token])})
+
+
+def cpu_flags() -> set[str] | None:
+    """This CPU's feature flags, read without compiling anything (None where /proc/cpuinfo is absent)."""
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.startswith(("flags", "Features")):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        return None
+    return None
 
 
 def sha256_file(path: Path, chunk: int = 1 << 24) -> str:
@@ -158,10 +183,11 @@ def check_device(manifest: dict[str, Any], name: str) -> None:
                 "with `--device cpu`."
             )
         return
-    built_for = manifest["cpu_isa"]
-    if built_for not in supported_cpu_isas():
+    have = cpu_flags()
+    missing = sorted(set(manifest.get("cpu_flags", [])) - have) if have is not None else []
+    if missing:
         raise ArtifactError(
-            f"{name} was compiled for CPUs with {built_for!r} instructions; this CPU supports "
-            f"{', '.join(supported_cpu_isas())}. Running it would crash (illegal instruction): export again "
-            "on this machine or one of the same CPU family."
+            f"{name} was compiled for CPUs with {manifest['cpu_isa']!r} instructions, and this CPU lacks "
+            f"{', '.join(missing)}. Running it would crash (illegal instruction): export again on this machine "
+            "or one of the same CPU family."
         )

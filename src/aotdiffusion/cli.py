@@ -67,6 +67,11 @@ def _parser() -> argparse.ArgumentParser:
     tiny = commands.add_parser("tiny", help="write a tiny random-weight diffusers pipeline (no network)")
     tiny.add_argument("kind", choices=["sd"])
     tiny.add_argument("output", type=Path)
+    tiny.add_argument(
+        "--full-size",
+        action="store_true",
+        help="the model's published full-size architecture (random weights) for benchmarks",
+    )
     return parser
 
 
@@ -163,9 +168,10 @@ def _generate(args: argparse.Namespace) -> None:
 
 
 def _tiny(args: argparse.Namespace) -> None:
-    from .tiny import save_tiny
+    from .random_models import save_tiny
 
-    print(f"Tiny random-weight pipeline written to {save_tiny(args.kind, args.output)}")
+    path = save_tiny(args.kind, args.output, full_size=args.full_size)
+    print(f"{'Full-size' if args.full_size else 'Tiny'} random-weight pipeline written to {path}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -91,11 +91,13 @@ def compile_component(spec: ComponentSpec, options: CompilerOptions, folder: Pat
         }
 
     example = spec.example_inputs()
+    isa = artifact.cpu_isa()
     manifest = {
         "format_version": artifact.FORMAT_VERSION,
         "role": spec.role,
         "device": options.device,
-        "cpu_isa": artifact.cpu_isa(),
+        "cpu_isa": isa,
+        "cpu_flags": artifact.required_cpu_flags(isa) if options.device == "cpu" else [],
         "precision": options.precision.to_dict(),
         "compiler": {"backend": "torch.export+aotinductor", **options.to_dict()},
         "versions": artifact.environment_versions(),

@@ -69,10 +69,9 @@ def text_encoder_spec(name: str, model: torch.nn.Module, shapes: PipelineShapes)
     names = []
     for key, value in probe.items():
         names.extend(f"hidden_states.{i}" for i in range(len(value))) if key == "hidden_states" else names.append(key)
-    extra = {}
-    text_model = getattr(model, "text_model", None)
-    if text_model is not None and hasattr(text_model, "final_layer_norm"):
-        extra["final_layer_norm"] = text_model.final_layer_norm
+    # transformers 5 flattened CLIPTextModel (no `.text_model`); older versions nest it.
+    owner = getattr(model, "text_model", model)
+    extra = {"final_layer_norm": owner.final_layer_norm} if hasattr(owner, "final_layer_norm") else {}
     return ComponentSpec(
         name=name,
         role="text_encoder",

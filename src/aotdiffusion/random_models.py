@@ -1,8 +1,12 @@
-"""Tiny random-weight pipelines built from configs, with a real CLIP BPE tokenizer, and no network.
+"""Random-weight pipelines built from configs, with a real CLIP BPE tokenizer, and no network.
 
-They use the real classes (UNet2DConditionModel, AutoencoderKL, CLIPTextModel, CLIPTokenizer, a
-diffusers scheduler) scaled down, and are saved as ordinary diffusers folders, so tests and the demo
-go through exactly the loading code a hub model goes through.
+* tiny: the real classes (UNet2DConditionModel, AutoencoderKL, CLIPTextModel, CLIPTokenizer, a diffusers
+  scheduler) scaled down, for tests and the demo;
+* full size: the published Stable Diffusion 1.5 architecture with random weights, for benchmarks and
+  export measurements (speed and memory depend on the architecture, not on the values).
+
+Both are saved as ordinary diffusers folders, so they go through exactly the loading code a hub model
+goes through.
 """
 
 from __future__ import annotations
@@ -79,7 +83,7 @@ def tiny_clip_tokenizer(model_max_length: int = 77):
 
 def tiny_stable_diffusion(seed: int = 0):
     """A StableDiffusionPipeline small enough to compile in about a minute, producing 64x64 images."""
-    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     tokenizer = tiny_clip_tokenizer()
@@ -123,8 +127,23 @@ def tiny_stable_diffusion(seed: int = 0):
             projection_dim=32,
         )
     )
+    return StableDiffusionPipeline(
+        vae=vae.eval(),
+        text_encoder=text_encoder.eval(),
+        tokenizer=tokenizer,
+        unet=unet.eval(),
+        scheduler=_sd_scheduler(),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def _sd_scheduler():
+    from diffusers import PNDMScheduler
+
     # Stable Diffusion 1.5's own scheduler settings.
-    scheduler = PNDMScheduler(
+    return PNDMScheduler(
         beta_start=0.00085,
         beta_end=0.012,
         beta_schedule="scaled_linear",
@@ -133,12 +152,53 @@ def tiny_stable_diffusion(seed: int = 0):
         steps_offset=1,
         set_alpha_to_one=False,
     )
+
+
+def full_size_stable_diffusion_15(seed: int = 0):
+    """Stable Diffusion 1.5's architecture (860M-parameter UNet, 512x512) with random weights."""
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    tokenizer = tiny_clip_tokenizer()
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=64,
+        block_out_channels=(320, 640, 1280, 1280),
+        layers_per_block=2,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=768,
+        attention_head_dim=8,
+    )
+    vae = AutoencoderKL(
+        block_out_channels=[128, 256, 512, 512],
+        layers_per_block=2,
+        down_block_types=["DownEncoderBlock2D"] * 4,
+        up_block_types=["UpDecoderBlock2D"] * 4,
+        latent_channels=4,
+        sample_size=512,
+    )
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=49408,
+            hidden_size=768,
+            intermediate_size=3072,
+            num_attention_heads=12,
+            num_hidden_layers=12,
+            max_position_embeddings=77,
+            hidden_act="quick_gelu",
+            projection_dim=768,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
     return StableDiffusionPipeline(
         vae=vae.eval(),
         text_encoder=text_encoder.eval(),
         tokenizer=tokenizer,
         unet=unet.eval(),
-        scheduler=scheduler,
+        scheduler=_sd_scheduler(),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
@@ -146,11 +206,13 @@ def tiny_stable_diffusion(seed: int = 0):
 
 
 TINY_MODELS = {"sd": tiny_stable_diffusion}
+FULL_SIZE_MODELS = {"sd": full_size_stable_diffusion_15}
 
 
-def save_tiny(kind: str, path: str | Path) -> Path:
-    if kind not in TINY_MODELS:
-        raise ValueError(f"Unknown tiny model {kind!r}; choose one of {sorted(TINY_MODELS)}.")
+def save_tiny(kind: str, path: str | Path, *, full_size: bool = False) -> Path:
+    models = FULL_SIZE_MODELS if full_size else TINY_MODELS
+    if kind not in models:
+        raise ValueError(f"Unknown model kind {kind!r}; choose one of {sorted(models)}.")
     path = Path(path)
-    TINY_MODELS[kind]().save_pretrained(path)
+    models[kind]().save_pretrained(path)
     return path

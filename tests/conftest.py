@@ -1,0 +1,107 @@
+"""Shared fixtures: one tiny random-weight SD pipeline, exported once per precision for the whole session.
+
+Exports are the slow part (about a minute each on 2 cores), so every test reuses these folders and
+tests that must modify one work on a copy.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+PROMPT = "a photo of an astronaut riding a horse on mars"
+STEPS = 4
+
+
+def run_pipe(pipe, seed: int = 0, **kwargs) -> np.ndarray:
+    """One call with a fresh CPU generator (diffusers' reproducibility rule), images as numpy in [0, 1]."""
+    kwargs.setdefault("prompt", PROMPT)
+    kwargs.setdefault("num_inference_steps", STEPS)
+    return pipe(generator=torch.Generator().manual_seed(seed), output_type="np", **kwargs).images
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    return float(10 * np.log10(1.0 / max(float(((a - b) ** 2).mean()), 1e-20)))
+
+
+def cli(*args: str, env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    """Runs the installed command in a fresh process, as a user would."""
+    command = [sys.executable, "-m", "aotdiffusion.cli", *args]
+    result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=900)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{' '.join(args)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+@pytest.fixture(scope="session")
+def tiny_sd(tmp_path_factory) -> Path:
+    from aotdiffusion.random_models import save_tiny
+
+    return save_tiny("sd", tmp_path_factory.mktemp("models") / "tiny-sd")
+
+
+@pytest.fixture(scope="session")
+def eager_sd(tiny_sd):
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _export(tiny_sd: Path, folder: Path, **kwargs) -> Path:
+    from aotdiffusion import AOTStableDiffusionPipeline
+
+    AOTStableDiffusionPipeline.from_pretrained(tiny_sd, export=True, export_dir=folder, height=64, width=64, **kwargs)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def sd_fp32(tiny_sd, tmp_path_factory) -> Path:
+    """Guidance batch on, everything fp32: must reproduce eager almost bit for bit."""
+    return _export(tiny_sd, tmp_path_factory.mktemp("exports") / "sd-fp32", auto_cast="none")
+
+
+@pytest.fixture(scope="session")
+def sd_no_guidance(tiny_sd, tmp_path_factory) -> Path:
+    """Compiled without the guidance batch and without the VAE encoder (text-to-image only)."""
+    return _export(
+        tiny_sd,
+        tmp_path_factory.mktemp("exports") / "sd-no-cfg",
+        auto_cast="none",
+        classifier_free_guidance=False,
+        vae_encoder=False,
+    )
+
+
+@pytest.fixture(scope="session")
+def sd_bf16_cli(tiny_sd, tmp_path_factory) -> tuple[Path, str]:
+    """Exported by the CLI with optimum-cli's underscore spellings, bf16 matmuls (the default recipe)."""
+    out = tmp_path_factory.mktemp("exports") / "sd-bf16"
+    result = cli(
+        "export", "--model", str(tiny_sd), "--task", "stable-diffusion", "--batch_size", "1", "--height", "64",
+        "--width", "64", "--num_images_per_prompt", "1", "--auto_cast", "matmul", "--auto_cast_type", "bf16", str(out),
+    )  # fmt: skip
+    return out, result.stdout
+
+
+@pytest.fixture
+def load():
+    """Loads an exported folder with the progress bar off."""
+
+    def _load(folder: Path, **kwargs):
+        from aotdiffusion import AOTStableDiffusionPipeline
+
+        pipe = AOTStableDiffusionPipeline.from_pretrained(folder, **kwargs)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    return _load

@@ -1,0 +1,125 @@
+"""Export: validation, the manifest, and the checks a reload makes before touching compiled code."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from aotdiffusion import artifact
+from aotdiffusion.export.compile import CompilerOptions, compile_component
+from aotdiffusion.export.pipeline import default_shapes, export_pipeline
+from aotdiffusion.export.precision import Precision
+from aotdiffusion.export.validate import ValidationError
+
+
+def test_validation_catches_a_corrupted_component(eager_sd, tmp_path):
+    def compile_corrupted(spec, options, folder):
+        # Compile a copy whose first weight is perturbed: the artifact no longer computes the model.
+        module = spec.module
+        spec.module = __import__("copy").deepcopy(module)
+        with torch.no_grad():
+            next(spec.module.parameters()).add_(0.5)
+        try:
+            return compile_component(spec, options, folder)
+        finally:
+            spec.module = module
+
+    shapes = default_shapes(eager_sd, height=64, width=64)
+    with pytest.raises(ValidationError, match=r"text_encoder does not match eager PyTorch: .*relative error .* > "):
+        export_pipeline(
+            eager_sd, tmp_path / "out", shapes, CompilerOptions(Precision("none")),
+            pipeline_class="AOTStableDiffusionPipeline", compile_fn=compile_corrupted, log=lambda _: None,
+        )  # fmt: skip
+
+
+def test_manifest_records_what_a_reload_needs(sd_fp32):
+    index = json.loads((sd_fp32 / "model_index.json").read_text())
+    block = index["aotdiffusion"]
+    assert index["_class_name"] == "StableDiffusionPipeline"
+    assert block["pipeline_class"] == "AOTStableDiffusionPipeline"
+    assert block["shapes"] == {
+        "batch_size": 1, "height": 64, "width": 64, "num_images_per_prompt": 1,
+        "classifier_free_guidance": True, "sequence_length": 77,
+    }  # fmt: skip
+    assert block["components"] == ["text_encoder", "unet", "vae_encoder", "vae_decoder"]
+    unet = json.loads((sd_fp32 / "unet" / "config.json").read_text())
+    manifest = unet.pop("aotdiffusion")
+    assert unet["_class_name"] == "UNet2DConditionModel" and unet["cross_attention_dim"] == 32  # original config kept
+    assert manifest["static"]["batch_size"] == 2  # the guidance batch, recorded
+    assert [i["name"] for i in manifest["graphs"][0]["inputs"]] == ["sample", "timestep", "encoder_hidden_states"]
+    assert manifest["graphs"][0]["inputs"][1] == {"name": "timestep", "shape": [2], "dtype": "float32"}
+    assert manifest["weights"] == {"storage": "embedded"}
+    assert manifest["precision"] == {"auto_cast": "none", "auto_cast_type": "bf16"}
+    assert manifest["cpu_isa"] == artifact.cpu_isa()
+    assert set(manifest["cpu_flags"]) == set(artifact.required_cpu_flags(artifact.cpu_isa())) <= artifact.cpu_flags()
+    assert set(manifest["versions"]) >= {"torch", "diffusers", "transformers", "aotdiffusion"}
+    record = manifest["files"]["model.pt2"]
+    assert record["sha256"] == artifact.sha256_file(sd_fp32 / "unet" / "model.pt2")
+    assert manifest["validation"]["passed"] and manifest["validation"]["max_rel_error"] < 1e-3
+    text = json.loads((sd_fp32 / "text_encoder" / "config.json").read_text())["aotdiffusion"]
+    assert "final_layer_norm.safetensors" in text["files"]
+    assert (sd_fp32 / "scheduler" / "scheduler_config.json").is_file() and (sd_fp32 / "tokenizer").is_dir()
+
+
+def test_export_refuses_a_non_empty_folder(eager_sd, tmp_path):
+    (tmp_path / "keep.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="not empty"):
+        export_pipeline(eager_sd, tmp_path, default_shapes(eager_sd), CompilerOptions(), pipeline_class="X")
+
+
+@pytest.fixture
+def copy_of(sd_fp32, tmp_path):
+    target = tmp_path / "copy"
+    shutil.copytree(sd_fp32, target)
+    return target
+
+
+def _edit_manifest(folder, component, **changes):
+    path = folder / component / "config.json"
+    config = json.loads(path.read_text())
+    config["aotdiffusion"].update(changes)
+    path.write_text(json.dumps(config))
+
+
+def test_truncated_package_is_reported(copy_of, load):
+    package = copy_of / "unet" / "model.pt2"
+    package.write_bytes(package.read_bytes()[:1000])
+    with pytest.raises(artifact.ArtifactError, match=r"unet/model.pt2 has 1000 bytes but was exported with"):
+        load(copy_of)
+
+
+def test_checksum_is_verified_on_request(copy_of, load):
+    package = copy_of / "vae_decoder" / "model.pt2"
+    data = bytearray(package.read_bytes())
+    data[-100] ^= 0xFF
+    package.write_bytes(bytes(data))
+    with pytest.raises(artifact.ArtifactError, match="does not match its recorded sha256"):
+        load(copy_of, verify_checksums=True)
+
+
+def test_foreign_cpu_isa_is_refused(copy_of, load):
+    _edit_manifest(copy_of, "unet", cpu_isa="sve256", cpu_flags=["sve", "sve2"])
+    message = r"compiled for CPUs with 'sve256' instructions, and this CPU lacks sve, sve2.*illegal instruction"
+    with pytest.raises(artifact.ArtifactError, match=message):
+        load(copy_of)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_cuda_artifact_on_a_cpu_machine_is_refused(copy_of, load):
+    _edit_manifest(copy_of, "unet", device="cuda")
+    with pytest.raises(artifact.ArtifactError, match="compiled for cuda, but CUDA is not available.*--device cpu"):
+        load(copy_of)
+
+
+def test_other_format_version_is_refused(copy_of, load):
+    _edit_manifest(copy_of, "text_encoder", format_version=99)
+    with pytest.raises(artifact.ArtifactError, match="uses artifact format 99.*Export the model again"):
+        load(copy_of)
+
+
+def test_plain_diffusers_folder_says_how_to_export(tiny_sd, load):
+    with pytest.raises(artifact.ArtifactError, match=r"has not been compiled.*aotdiffusion export --model"):
+        load(tiny_sd)

@@ -1,0 +1,109 @@
+"""Fast checks of the pieces under the pipeline: shapes, precision policy, numeric guards, CLI flags."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from aotdiffusion.cli import _parser
+from aotdiffusion.export.precision import CastMatmuls, Precision, PrecisionWrapper, full_precision_matmuls
+from aotdiffusion.shapes import PipelineShapes
+
+
+def test_shapes_derive_component_batches():
+    shapes = PipelineShapes(batch_size=2, num_images_per_prompt=3)
+    assert shapes.images == 6 and shapes.unet_batch == 12
+    assert PipelineShapes(classifier_free_guidance=False).unet_batch == 1
+
+
+def test_height_not_divisible_suggests_valid_sizes():
+    with pytest.raises(ValueError, match=r"`height` has to be divisible by 64 .* but is 500\. Use --height 448 or "):
+        PipelineShapes(height=500).check_divisible(vae_scale_factor=8, unet_downsampling=8)
+    with pytest.raises(ValueError, match="`batch_size` must be a positive integer, got 0"):
+        PipelineShapes(batch_size=0)
+
+
+def test_precision_rejects_unknown_values():
+    with pytest.raises(ValueError, match=r"`auto_cast` must be one of \('none', 'matmul', 'all'\), got 'fp8'"):
+        Precision("fp8")
+    with pytest.raises(ValueError, match="`auto_cast_type` must be one of"):
+        Precision("matmul", "int8")
+    assert Precision("none", "bf16").low_dtype == torch.float32
+
+
+class _ConvNormLinear(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(4, 8, 3, padding=1)
+        self.norm = torch.nn.GroupNorm(2, 8)
+        self.linear = torch.nn.Linear(8, 8)
+        self.proj = torch.nn.Parameter(torch.ones(8, 8))
+
+    def forward(self, x):
+        h = torch.nn.functional.silu(self.norm(self.conv(x)))
+        return (self.linear(h.mean((2, 3))) @ self.proj,)
+
+
+def _dtypes_in_graph(module, x):
+    program = torch.export.export(module, (x,), strict=False)
+    seen = {}
+    for node in program.graph.nodes:
+        name = getattr(node.target, "__name__", "").split(".")[0]
+        if node.op == "call_function" and node.args and hasattr(node.args[0], "meta") and "val" in node.args[0].meta:
+            seen.setdefault(name, set()).add(node.args[0].meta["val"].dtype)
+    return program, seen
+
+
+def test_matmul_policy_casts_matmuls_and_keeps_the_rest_fp32():
+    x = torch.randn(2, 4, 8, 8)
+    program, seen = _dtypes_in_graph(PrecisionWrapper(_ConvNormLinear(), Precision("matmul", "bf16")).eval(), x)
+    assert seen["conv2d"] == {torch.bfloat16} and seen["linear"] == {torch.bfloat16}
+    assert seen["matmul"] == {torch.bfloat16}
+    assert seen["group_norm"] == {torch.float32} and seen["silu"] == {torch.float32}
+    assert full_precision_matmuls(program.graph, torch.bfloat16) == []
+    assert program.module()(x)[0].dtype == torch.float32
+
+
+def test_policy_check_finds_escaped_matmuls():
+    program, _ = _dtypes_in_graph(_ConvNormLinear().eval(), torch.randn(2, 4, 8, 8))
+    assert len(full_precision_matmuls(program.graph, torch.bfloat16)) == 3
+
+
+def test_all_policy_keeps_an_fp32_interface():
+    module = _ConvNormLinear().eval()
+    wrapped = PrecisionWrapper(module, Precision("all", "bf16"))
+    assert wrapped.module.conv.weight.dtype == torch.bfloat16
+    assert wrapped(torch.randn(2, 4, 8, 8))[0].dtype == torch.float32
+
+
+def test_cast_mode_matches_eager_closely():
+    torch.manual_seed(0)
+    module, x = _ConvNormLinear().eval(), torch.randn(2, 4, 8, 8)
+    with torch.no_grad():
+        ref = module(x)[0]
+        with CastMatmuls(torch.bfloat16):
+            low = module(x)[0]
+    assert 0 < (low - ref).abs().max() / ref.abs().max() < Precision("matmul", "bf16").tolerance
+
+
+def test_nan_from_the_vae_is_an_error_not_a_black_image():
+    from aotdiffusion.runtime.components import AOTAutoencoderKL
+
+    class NaNDecoder:
+        config = {"scaling_factor": 0.18215}
+        manifest = {"precision": {"auto_cast": "all", "auto_cast_type": "fp16"}}
+
+        def __call__(self, latent_sample):
+            return {"sample": torch.full((1, 3, 8, 8), float("nan"))}
+
+    with pytest.raises(FloatingPointError, match="NaN or infinite values.*black images.*bf16"):
+        AOTAutoencoderKL(NaNDecoder()).decode(torch.zeros(1, 4, 4, 4))
+
+
+def test_cli_accepts_both_flag_spellings():
+    common = ["export", "--model", "m", "out"]
+    dashed = _parser().parse_args(common + ["--batch-size", "2", "--num-images-per-prompt", "4", "--auto-cast", "all"])
+    under = _parser().parse_args(common + ["--batch_size", "2", "--num_images_per_prompt", "4", "--auto_cast", "all"])
+    assert vars(dashed) == vars(under)
+    assert dashed.batch_size == 2 and dashed.num_images_per_prompt == 4 and dashed.auto_cast == "all"
+    assert _parser().parse_args(common + ["--no-classifier-free-guidance"]).classifier_free_guidance is False
