@@ -105,3 +105,89 @@ def load():
         return pipe
 
     return _load
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory):
+    """tiny(kind) -> folder of that tiny model, written once per session."""
+    from aotdiffusion.random_models import save_tiny
+
+    root, made = tmp_path_factory.mktemp("tiny-models"), {}
+
+    def _tiny(kind: str) -> Path:
+        if kind not in made:
+            made[kind] = save_tiny(kind, root / kind)
+        return made[kind]
+
+    return _tiny
+
+
+def eager(kind_or_folder, tiny, cls=None):
+    """The eager diffusers pipeline of a tiny model, optionally as another pipeline class over the same parts."""
+    from diffusers import DiffusionPipeline
+
+    folder = tiny(kind_or_folder) if isinstance(kind_or_folder, str) else kind_or_folder
+    pipe = DiffusionPipeline.from_pretrained(folder)
+    if cls is not None:
+        pipe = cls(**pipe.components)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+# Exports of the family, all fp32 so that compiled-vs-eager comparisons can be tight. Some go through
+# the CLI (each task must export from the command line), some through Python.
+@pytest.fixture(scope="session")
+def sd_inpaint_export(tiny, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("exports") / "sd-inpaint"
+    cli(
+        "export", "--model", str(tiny("sd-inpaint")), "--height", "64", "--width", "64", "--auto-cast", "none", str(out)
+    )
+    return out
+
+
+@pytest.fixture(scope="session")
+def sdxl_export(tiny, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("exports") / "sdxl"
+    cli("export", "--model", str(tiny("sdxl")), "--task", "stable-diffusion-xl", "--height", "64", "--width", "64",
+        "--auto-cast", "none", str(out))  # fmt: skip
+    return out
+
+
+@pytest.fixture(scope="session")
+def sdxl_turbo_export(tiny, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("exports") / "sdxl-turbo"
+    cli("export", "--model", str(tiny("sdxl")), "--task", "stable-diffusion-xl", "--batch_size", "1",
+        "--height", "64", "--width", "64", "--auto-cast", "none", "--no-classifier-free-guidance",
+        "--no-vae-encoder", str(out))  # fmt: skip
+    return out
+
+
+@pytest.fixture(scope="session")
+def sdxl_refiner_export(tiny, tmp_path_factory) -> Path:
+    from aotdiffusion import AOTDiffusionPipeline
+
+    out = tmp_path_factory.mktemp("exports") / "sdxl-refiner"
+    AOTDiffusionPipeline.from_pretrained(
+        tiny("sdxl-refiner"), export=True, export_dir=out, height=64, width=64, auto_cast="none"
+    )
+    return out
+
+
+@pytest.fixture(scope="session")
+def lcm_export(tiny, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("exports") / "lcm"
+    cli("export", "--model", str(tiny("lcm")), "--task", "latent-consistency", "--height", "64", "--width", "64",
+        "--auto-cast", "none", "--no-vae-encoder", str(out))  # fmt: skip
+    return out
+
+
+@pytest.fixture(scope="session")
+def lcm_sdxl_export(tiny, tmp_path_factory) -> Path:
+    from aotdiffusion import AOTStableDiffusionXLPipeline
+
+    out = tmp_path_factory.mktemp("exports") / "lcm-sdxl"
+    AOTStableDiffusionXLPipeline.from_pretrained(
+        tiny("sdxl"), unet_id=str(tiny("lcm-sdxl")), export=True, export_dir=out, height=64, width=64,
+        auto_cast="none", vae_encoder=False,
+    )  # fmt: skip
+    return out

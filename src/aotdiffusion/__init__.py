@@ -1,5 +1,23 @@
 """aotdiffusion: Stable Diffusion pipelines compiled ahead of time with torch.export + AOTInductor."""
 
-from .pipelines import AOTStableDiffusionPipeline
+from .pipelines import (
+    AOTDiffusionPipeline,
+    AOTLatentConsistencyModelPipeline,
+    AOTStableDiffusionImg2ImgPipeline,
+    AOTStableDiffusionInpaintPipeline,
+    AOTStableDiffusionPipeline,
+    AOTStableDiffusionXLImg2ImgPipeline,
+    AOTStableDiffusionXLInpaintPipeline,
+    AOTStableDiffusionXLPipeline,
+)
 
-__all__ = ["AOTStableDiffusionPipeline"]
+__all__ = [
+    "AOTDiffusionPipeline",
+    "AOTLatentConsistencyModelPipeline",
+    "AOTStableDiffusionPipeline",
+    "AOTStableDiffusionImg2ImgPipeline",
+    "AOTStableDiffusionInpaintPipeline",
+    "AOTStableDiffusionXLPipeline",
+    "AOTStableDiffusionXLImg2ImgPipeline",
+    "AOTStableDiffusionXLInpaintPipeline",
+]

@@ -7,9 +7,7 @@ import sys
 import time
 from pathlib import Path
 
-TASKS = {"auto": None, "stable-diffusion": "AOTStableDiffusionPipeline"}
-# diffusers class named in a model's model_index.json -> the compiled pipeline that exports it
-TASK_BY_DIFFUSERS_CLASS = {"StableDiffusionPipeline": "stable-diffusion"}
+TASKS = ["auto", "stable-diffusion", "stable-diffusion-xl", "latent-consistency"]
 
 
 def _flag(parser: argparse.ArgumentParser, name: str, **kwargs) -> None:
@@ -62,10 +60,14 @@ def _parser() -> argparse.ArgumentParser:
     _flag(generate, "seed", type=int, default=0)
     _flag(generate, "num-images-per-prompt", type=int, help="default: the exported number")
     _flag(generate, "scheduler", help="diffusers scheduler class to swap in, e.g. EulerDiscreteScheduler")
+    _flag(generate, "image", type=Path, help="input image: image-to-image, or inpainting with --mask-image")
+    _flag(generate, "mask-image", type=Path, help="inpainting mask (white = repaint), same size as --image")
+    _flag(generate, "strength", type=float, help="how much of --image to repaint, 0-1 (diffusers' default)")
+    _flag(generate, "resize", action="store_true", help="resize --image/--mask-image to the compiled size")
     _flag(generate, "output", type=Path, default=Path("images"), help="folder for the PNGs (default images/)")
 
     tiny = commands.add_parser("tiny", help="write a tiny random-weight diffusers pipeline (no network)")
-    tiny.add_argument("kind", choices=["sd"])
+    tiny.add_argument("kind", choices=["sd", "sd-inpaint", "lcm", "sdxl", "sdxl-refiner", "lcm-sdxl"])
     tiny.add_argument("output", type=Path)
     tiny.add_argument(
         "--full-size",
@@ -75,36 +77,24 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _pipeline_class(task: str, model: str):
-    import aotdiffusion
+def _pipeline_class(task: str, model: str, hub: dict):
+    """The compiled class for ``--task``: the model's own class when it belongs to that family."""
+    from .pipelines.auto import FAMILIES, pipeline_class_for
 
-    if task == "auto":
-        task = _detect_task(model)
-    return getattr(aotdiffusion, TASKS[task])
-
-
-def _detect_task(model: str) -> str:
-    from . import artifact
-
-    path = Path(model)
-    if path.is_dir():
-        index = artifact.read_json(path / artifact.MODEL_INDEX_FILE)
-    else:
-        from huggingface_hub import hf_hub_download
-
-        index = artifact.read_json(Path(hf_hub_download(model, artifact.MODEL_INDEX_FILE)))
-    found = index.get("_class_name")
-    if found not in TASK_BY_DIFFUSERS_CLASS:
-        raise SystemExit(
-            f"error: cannot tell the task of {model} ({found}); pass --task with one of "
-            f"{', '.join(t for t in TASKS if t != 'auto')}."
-        )
-    return TASK_BY_DIFFUSERS_CLASS[found]
+    try:
+        own = pipeline_class_for(model, exported=False, **hub)
+    except ValueError:
+        if task == "auto":
+            raise
+        own = None
+    if task == "auto" or (own is not None and own in FAMILIES[task]):
+        return own
+    return FAMILIES[task][0]
 
 
 def _export(args: argparse.Namespace) -> None:
-    cls = _pipeline_class(args.task, args.model)
     hub = {"revision": args.revision} if args.revision else {}
+    cls = _pipeline_class(args.task, args.model, hub)
     start = time.perf_counter()
     cls.from_pretrained(
         args.model,
@@ -130,31 +120,49 @@ def _export(args: argparse.Namespace) -> None:
 def _generate(args: argparse.Namespace) -> None:
     import diffusers
     import torch
+    from PIL import Image
 
-    from . import artifact
+    from .pipelines.auto import FAMILIES, family_of, pipeline_class_for
     from .pipelines.base import _local_or_download
 
     folder = _local_or_download(args.model, {})
-    _, block = artifact.read_pipeline_index(folder)
-    import aotdiffusion
-
-    pipe = getattr(aotdiffusion, block["pipeline_class"]).from_pretrained(folder)
+    exported_cls = pipeline_class_for(folder, exported=True)
+    cls = exported_cls
+    if args.mask_image is not None and args.image is None:
+        raise ValueError("--mask-image needs --image: inpainting repaints the masked part of an image.")
+    if args.image is not None:
+        task = family_of(exported_cls)
+        cls = FAMILIES[task][2 if args.mask_image is not None else 1] or exported_cls
+        if cls is exported_cls and exported_cls is FAMILIES[task][0]:
+            raise ValueError(f"{exported_cls.__name__} exports do not take an input image (--image).")
+    pipe = cls.from_pretrained(folder)
     if args.scheduler:
         scheduler_cls = getattr(diffusers, args.scheduler, None)
         if scheduler_cls is None or not hasattr(scheduler_cls, "from_config"):
-            raise SystemExit(f"error: {args.scheduler!r} is not a diffusers scheduler class.")
+            raise ValueError(f"{args.scheduler!r} is not a diffusers scheduler class.")
         pipe.scheduler = scheduler_cls.from_config(pipe.scheduler.config)
-    call = {"num_inference_steps": args.steps, "generator": torch.Generator().manual_seed(args.seed)}
+    shapes = pipe.static_shapes
+    call = {
+        "num_inference_steps": args.steps,
+        "generator": torch.Generator().manual_seed(args.seed),
+        "num_images_per_prompt": args.num_images_per_prompt or shapes.num_images_per_prompt,
+        "resize_images": args.resize,
+    }
     if args.guidance_scale is not None:
         call["guidance_scale"] = args.guidance_scale
-    if args.num_images_per_prompt is not None:
-        call["num_images_per_prompt"] = args.num_images_per_prompt
-    else:
-        call["num_images_per_prompt"] = pipe.static_shapes.num_images_per_prompt
-    prompts = [args.prompt] * pipe.static_shapes.batch_size
-    negative = [args.negative_prompt] * len(prompts) if args.negative_prompt else None
+    elif not shapes.classifier_free_guidance and pipe.unet.config.time_cond_proj_dim is None:
+        call["guidance_scale"] = 0.0  # compiled without the guidance batch (e.g. Turbo)
+    if args.image is not None:
+        call["image"] = Image.open(args.image)
+    if args.mask_image is not None:
+        call["mask_image"] = Image.open(args.mask_image)
+    if args.strength is not None:
+        call["strength"] = args.strength
+    prompts = [args.prompt] * shapes.batch_size
+    if args.negative_prompt:
+        call["negative_prompt"] = [args.negative_prompt] * len(prompts)
     start = time.perf_counter()
-    images = pipe(prompts, negative_prompt=negative, **call).images
+    images = pipe(prompts, **call).images
     elapsed = time.perf_counter() - start
     args.output.mkdir(parents=True, exist_ok=True)
     paths = []

@@ -81,14 +81,10 @@ def tiny_clip_tokenizer(model_max_length: int = 77):
         return CLIPTokenizer(str(vocab_file), str(merges_file), model_max_length=model_max_length)
 
 
-def tiny_stable_diffusion(seed: int = 0):
-    """A StableDiffusionPipeline small enough to compile in about a minute, producing 64x64 images."""
-    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+def _tiny_unet(seed: int, **overrides):
+    from diffusers import UNet2DConditionModel
 
-    tokenizer = tiny_clip_tokenizer()
-    torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
+    config = dict(
         block_out_channels=(32, 64),
         layers_per_block=1,
         sample_size=32,
@@ -101,7 +97,29 @@ def tiny_stable_diffusion(seed: int = 0):
         norm_num_groups=32,
     )
     torch.manual_seed(seed)
-    vae = AutoencoderKL(
+    return UNet2DConditionModel(**{**config, **overrides}).eval()
+
+
+def _tiny_sdxl_unet(seed: int, *, text_embeds_dim: int, time_ids: int, **overrides):
+    # SDXL conditions on pooled text embeddings plus `time_ids` micro-conditioning values, each
+    # embedded in `addition_time_embed_dim` channels.
+    return _tiny_unet(
+        seed,
+        cross_attention_dim=64 if time_ids == 6 else 32,
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        transformer_layers_per_block=(1, 2),
+        projection_class_embeddings_input_dim=text_embeds_dim + 8 * time_ids,
+        **overrides,
+    )
+
+
+def _tiny_vae(seed: int, **overrides):
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    return AutoencoderKL(
         block_out_channels=[32, 64],
         in_channels=3,
         out_channels=3,
@@ -110,33 +128,123 @@ def tiny_stable_diffusion(seed: int = 0):
         latent_channels=4,
         norm_num_groups=32,
         sample_size=64,
-    )
+        **overrides,
+    ).eval()
+
+
+def _tiny_text_encoder(seed: int, tokenizer, *, with_projection: bool = False):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
     torch.manual_seed(seed)
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=32,
-            intermediate_size=37,
-            num_attention_heads=4,
-            num_hidden_layers=5,
-            max_position_embeddings=tokenizer.model_max_length,
-            layer_norm_eps=1e-5,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-            projection_dim=32,
-        )
+    config = CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=37,
+        num_attention_heads=4,
+        num_hidden_layers=5,
+        max_position_embeddings=tokenizer.model_max_length,
+        layer_norm_eps=1e-5,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        projection_dim=32,
     )
-    return StableDiffusionPipeline(
-        vae=vae.eval(),
-        text_encoder=text_encoder.eval(),
+    return (CLIPTextModelWithProjection if with_projection else CLIPTextModel)(config).eval()
+
+
+def _sd_parts(seed: int, unet) -> dict:
+    tokenizer = tiny_clip_tokenizer()
+    return dict(
+        vae=_tiny_vae(seed),
+        text_encoder=_tiny_text_encoder(seed, tokenizer),
         tokenizer=tokenizer,
-        unet=unet.eval(),
+        unet=unet,
         scheduler=_sd_scheduler(),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
     )
+
+
+def tiny_stable_diffusion(seed: int = 0):
+    """A StableDiffusionPipeline small enough to compile in about a minute, producing 64x64 images."""
+    from diffusers import StableDiffusionPipeline
+
+    return StableDiffusionPipeline(**_sd_parts(seed, _tiny_unet(seed)))
+
+
+def tiny_stable_diffusion_inpaint(seed: int = 0):
+    """SD inpainting: the UNet takes 9 channels (latents, mask, masked-image latents)."""
+    from diffusers import StableDiffusionInpaintPipeline
+
+    return StableDiffusionInpaintPipeline(**_sd_parts(seed, _tiny_unet(seed, in_channels=9)))
+
+
+def tiny_latent_consistency(seed: int = 0):
+    """LCM distilled from SD: the UNet embeds the guidance scale (`time_cond_proj_dim`), LCMScheduler."""
+    from diffusers import LatentConsistencyModelPipeline, LCMScheduler
+
+    parts = _sd_parts(seed, _tiny_unet(seed, time_cond_proj_dim=32))
+    parts["scheduler"] = LCMScheduler.from_config(parts["scheduler"].config)
+    parts.pop("requires_safety_checker")
+    return LatentConsistencyModelPipeline(**parts, requires_safety_checker=False)
+
+
+def _sdxl_scheduler():
+    from diffusers import EulerDiscreteScheduler
+
+    # stable-diffusion-xl-base-1.0's scheduler settings.
+    return EulerDiscreteScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        num_train_timesteps=1000,
+        steps_offset=1,
+        timestep_spacing="leading",
+        interpolation_type="linear",
+        use_karras_sigmas=False,
+    )
+
+
+def tiny_stable_diffusion_xl(seed: int = 0):
+    """SDXL base: two text encoders (the second with projection), micro-conditioning time ids."""
+    from diffusers import StableDiffusionXLPipeline
+
+    tokenizer = tiny_clip_tokenizer()
+    return StableDiffusionXLPipeline(
+        vae=_tiny_vae(seed, force_upcast=True, scaling_factor=0.13025),
+        text_encoder=_tiny_text_encoder(seed, tokenizer),
+        text_encoder_2=_tiny_text_encoder(seed + 1, tokenizer, with_projection=True),
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer,
+        unet=_tiny_sdxl_unet(seed, text_embeds_dim=32, time_ids=6),
+        scheduler=_sdxl_scheduler(),
+        add_watermarker=False,
+    )
+
+
+def tiny_stable_diffusion_xl_refiner(seed: int = 0):
+    """SDXL refiner: only `text_encoder_2`, aesthetic-score conditioning (5 time ids)."""
+    from diffusers import StableDiffusionXLImg2ImgPipeline
+
+    tokenizer = tiny_clip_tokenizer()
+    return StableDiffusionXLImg2ImgPipeline(
+        vae=_tiny_vae(seed, force_upcast=True, scaling_factor=0.13025),
+        text_encoder=None,
+        text_encoder_2=_tiny_text_encoder(seed + 2, tokenizer, with_projection=True),
+        tokenizer=None,
+        tokenizer_2=tokenizer,
+        unet=_tiny_sdxl_unet(seed + 3, text_embeds_dim=32, time_ids=5),
+        scheduler=_sdxl_scheduler(),
+        requires_aesthetics_score=True,
+        force_zeros_for_empty_prompt=False,
+        add_watermarker=False,
+    )
+
+
+def tiny_lcm_sdxl_unet(seed: int = 0):
+    """An LCM-distilled UNet for the tiny SDXL (what latent-consistency/lcm-sdxl is for SDXL): a UNet only."""
+    return _tiny_sdxl_unet(seed + 4, text_embeds_dim=32, time_ids=6, time_cond_proj_dim=32)
 
 
 def _sd_scheduler():
@@ -205,7 +313,14 @@ def full_size_stable_diffusion_15(seed: int = 0):
     )
 
 
-TINY_MODELS = {"sd": tiny_stable_diffusion}
+TINY_MODELS = {
+    "sd": tiny_stable_diffusion,
+    "sd-inpaint": tiny_stable_diffusion_inpaint,
+    "lcm": tiny_latent_consistency,
+    "sdxl": tiny_stable_diffusion_xl,
+    "sdxl-refiner": tiny_stable_diffusion_xl_refiner,
+    "lcm-sdxl": tiny_lcm_sdxl_unet,
+}
 FULL_SIZE_MODELS = {"sd": full_size_stable_diffusion_15}
 
 

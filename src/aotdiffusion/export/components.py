@@ -149,6 +149,8 @@ def unet_spec(
             "width": w,
             "sequence_length": shapes.sequence_length,
             "classifier_free_guidance": shapes.classifier_free_guidance,
+            # SDXL's pipeline checks its time ids against the UNet's add_embedding width.
+            "add_embedding_in_features": unet.add_embedding.linear_1.in_features if text_embeds_dim else None,
         },
     )
 
@@ -194,8 +196,9 @@ def vae_decoder_spec(vae: torch.nn.Module, shapes: PipelineShapes, vae_scale_fac
 
 def vae_encoder_spec(vae: torch.nn.Module, shapes: PipelineShapes) -> ComponentSpec:
     config = vae.config
-    # img2img and inpaint encode one image per prompt and repeat the latents afterwards.
-    batch = shapes.batch_size
+    # Compiled for one image: the runtime encodes image by image, so any number of input images
+    # works (diffusers itself encodes one at a time when given a generator per image).
+    batch = 1
 
     def make_inputs(gen: torch.Generator) -> dict[str, torch.Tensor]:
         image = torch.rand(batch, config.in_channels, shapes.height, shapes.width, generator=gen)

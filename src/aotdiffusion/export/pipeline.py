@@ -9,6 +9,7 @@ import time
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ from ..runtime.compiled import CompiledComponent
 from ..shapes import PipelineShapes
 from .compile import CompilerOptions, compile_component, write_manifest
 from .components import ComponentSpec, text_encoder_spec, unet_spec, vae_decoder_spec, vae_encoder_spec
+from .precision import Precision
 from .validate import ValidationReport, validate_component
 
 # Pipeline attributes that are compiled; everything else (scheduler, tokenizers, feature extractor)
@@ -60,14 +62,32 @@ def default_shapes(pipe: DiffusionPipeline, **requested: Any) -> PipelineShapes:
 
 
 def component_specs(
-    pipe: DiffusionPipeline, shapes: PipelineShapes, *, vae_encoder: bool = True
+    pipe: DiffusionPipeline, shapes: PipelineShapes, precision: Precision, *, vae_encoder: bool = True
 ) -> list[ComponentSpec]:
     specs = []
     for name in ("text_encoder", "text_encoder_2"):
         model = getattr(pipe, name, None)
         if model is not None:
             specs.append(text_encoder_spec(name, model, shapes))
-    specs.append(unet_spec(pipe.unet, shapes, pipe.vae_scale_factor))
+    unet = pipe.unet
+    added: dict[str, int] = {}
+    if unet.config.addition_embed_type == "text_time":
+        # SDXL: pooled text embeddings of text_encoder_2 plus `time_ids` micro-conditioning values
+        # (6 for the base model, 5 for the refiner's aesthetic score variant).
+        in_features = unet.add_embedding.linear_1.in_features
+        text_embeds_dim = pipe.text_encoder_2.config.projection_dim
+        added = {
+            "text_embeds_dim": text_embeds_dim,
+            "time_ids_dim": (in_features - text_embeds_dim) // unet.config.addition_time_embed_dim,
+        }
+    specs.append(unet_spec(unet, shapes, pipe.vae_scale_factor, **added))
+    if getattr(pipe, "text_encoder_2", None) is not None and precision.low_dtype == torch.float16:
+        if pipe.vae.config.force_upcast:
+            raise ValueError(
+                "The SDXL VAE overflows in fp16 (its config sets `force_upcast`), which gives NaNs and black images, "
+                "and a compiled VAE cannot be upcast at run time. Export with --auto-cast-type bf16 (same range as "
+                "fp32) or use a VAE fine-tuned for fp16 (e.g. madebyollin/sdxl-vae-fp16-fix) with force_upcast off."
+            )
     if vae_encoder:
         specs.append(vae_encoder_spec(pipe.vae, shapes))
     specs.append(vae_decoder_spec(pipe.vae, shapes, pipe.vae_scale_factor))
@@ -102,19 +122,21 @@ def export_pipeline(
     pipeline_class: str,
     validate: bool = True,
     vae_encoder: bool = True,
-    log: Callable[[str], None] = print,
+    log: Callable[[str], None] | None = None,
     compile_fn: Callable[[ComponentSpec, CompilerOptions, Path], dict] = compile_component,
 ) -> list[ComponentResult]:
     """Writes an exported pipeline to ``output_dir``; returns one result per component.
 
     ``compile_fn`` is the per-component compiler (a seam for tests that need a broken artifact).
     """
+    # Flushed: the progress of a many-minute export must show when stdout is a log file too.
+    log = log or partial(print, flush=True)
     output = Path(output_dir)
     if output.exists() and any(output.iterdir()):
         raise FileExistsError(f"{output} is not empty; choose a new output folder or remove it first.")
     output.mkdir(parents=True, exist_ok=True)
     pipe.set_progress_bar_config(disable=True)
-    specs = component_specs(pipe, shapes, vae_encoder=vae_encoder)
+    specs = component_specs(pipe, shapes, options.precision, vae_encoder=vae_encoder)
     log(
         f"Exporting {type(pipe).__name__} to {output}: {shapes.batch_size} prompt(s) x "
         f"{shapes.num_images_per_prompt} image(s), {shapes.height}x{shapes.width}, "

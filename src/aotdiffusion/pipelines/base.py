@@ -23,6 +23,7 @@ from ..export.precision import Precision
 from ..runtime.compiled import CompiledComponent
 from ..runtime.components import AOTAutoencoderKL, AOTTextEncoder, AOTUNet
 from ..shapes import PipelineShapes
+from .images import conform_images
 
 
 class AOTPipelineMixin:
@@ -39,6 +40,8 @@ class AOTPipelineMixin:
         export: bool = False,
         device: str | None = None,
         verify_checksums: bool = False,
+        data_parallel_mode: str = "none",
+        devices: list | None = None,
         # export-only: compiler arguments
         auto_cast: str = "matmul",
         auto_cast_type: str = "bf16",
@@ -62,7 +65,8 @@ class AOTPipelineMixin:
         """
         if not export:
             folder = _local_or_download(pretrained_model_name_or_path, hub_kwargs)
-            return cls._from_exported(folder, device=device, verify_checksums=verify_checksums)
+            pipe = cls._from_exported(folder, device=device, verify_checksums=verify_checksums)
+            return pipe.enable_data_parallel(data_parallel_mode, devices)
 
         source = cls.load_source(pretrained_model_name_or_path, unet_id=unet_id, **hub_kwargs)
         shapes = default_shapes(
@@ -90,7 +94,7 @@ class AOTPipelineMixin:
         del source
         pipe = cls._from_exported(Path(export_dir), device=device)
         pipe._export_tmpdir = tmp  # lives as long as the pipeline: save_pretrained copies from it
-        return pipe
+        return pipe.enable_data_parallel(data_parallel_mode, devices)
 
     @classmethod
     def load_source(cls, model_id: str | Path, *, unet_id: str | None = None, **hub_kwargs: Any) -> DiffusionPipeline:
@@ -104,6 +108,15 @@ class AOTPipelineMixin:
         if "safety_checker" in init_params:
             extra.update(safety_checker=None, requires_safety_checker=False)
         pipe = cls.diffusers_class.from_pretrained(str(model_id), dtype=torch.float32, **extra, **hub_kwargs)
+        if unet_id is not None and pipe.unet.config.time_cond_proj_dim is not None:
+            from diffusers import LCMScheduler
+
+            if not isinstance(pipe.scheduler, LCMScheduler):
+                # A guidance-distilled (LCM) UNet replacing the base model's needs LCM's sampler; the
+                # base model's scheduler would produce noise in 4 steps.
+                replaced = type(pipe.scheduler).__name__
+                print(f"{unet_id} is an LCM UNet: the export uses LCMScheduler instead of {replaced}.", flush=True)
+                pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
         return pipe
 
     @classmethod
@@ -133,6 +146,8 @@ class AOTPipelineMixin:
                 continue
             if name in components:
                 kwargs[name] = components[name]
+            elif name in index and not isinstance(index[name], list):  # e.g. requires_aesthetics_score
+                kwargs[name] = index[name]
             elif param.default is inspect.Parameter.empty:  # safety_checker, feature_extractor: None is accepted
                 kwargs[name] = None
         if "requires_safety_checker" in params:  # no checker is compiled; diffusers would warn on every load
@@ -140,6 +155,7 @@ class AOTPipelineMixin:
         pipe = cls(**kwargs)
         pipe._artifact_dir = folder
         pipe._export_tmpdir = None
+        pipe._replicas = None
         pipe.static_shapes = PipelineShapes.from_dict(block["shapes"])
         pipe.compiled_device = torch.device(device or block["device"])
         return pipe
@@ -206,14 +222,51 @@ class AOTPipelineMixin:
                 part.to(*args, **kwargs)
         return self
 
+    # ---------------------------------------------------------------------------- data parallel
+    def enable_data_parallel(self, mode: str = "all", devices: list | None = None):
+        """``"all"``: a batch of prompts is split into chunks of the compiled batch size, one whole pipeline
+        replica per device runs them side by side. On CPU a device is a list of core ids (default: the
+        cores split in two); on CUDA a device string such as ``"cuda:1"``. ``"none"`` turns it off.
+        """
+        if mode not in ("none", "all"):
+            raise ValueError(
+                f"`data_parallel_mode` must be 'none' or 'all', got {mode!r}: 'unet' needs a UNet compiled for half "
+                "the guidance batch, which exports do not produce yet."
+            )
+        if self._replicas is not None:
+            self._replicas.close()
+            self._replicas = None
+        if mode == "all":
+            from ..runtime.parallel import ReplicaPool, default_cpu_groups
+
+            if devices is None:
+                devices = default_cpu_groups(2) if self.compiled_device.type == "cpu" else ["cuda:0", "cuda:1"]
+            self._replicas = ReplicaPool(self._artifact_dir, type(self).__name__, devices)
+        return self
+
+    def _call_replicas(self, call: dict[str, Any], extra: dict[str, Any]):
+        from ..runtime.parallel import combine_outputs, split_call
+
+        requests = split_call(call, extra, self.static_shapes, self.scheduler)
+        return combine_outputs(self._replicas.map(requests), call.get("return_dict", True))
+
     # ----------------------------------------------------------------------------------- calling
-    def __call__(self, *args: Any, **kwargs: Any):
+    def __call__(self, *args: Any, resize_images: bool = False, **kwargs: Any):
+        """diffusers' ``__call__``, after checking the call against the compiled shapes.
+
+        ``resize_images=True`` resizes an ``image``/``mask_image`` of another size to the compiled
+        size; without it such an image is an error, never silently resized.
+        """
         bound = inspect.signature(self.diffusers_class.__call__).bind(self, *args, **kwargs)
         bound.apply_defaults()
         call = dict(bound.arguments)
         call.pop("self")
         extra = call.pop("kwargs", {})
+        if self._replicas is not None:
+            call["resize_images"] = resize_images
+            return self._call_replicas(call, extra)
         self.check_call(call)
+        conform_images(call, self.static_shapes, self.vae_scale_factor, resize=resize_images)
         return super().__call__(**call, **extra)
 
     def check_call(self, call: dict[str, Any]) -> None:
@@ -224,13 +277,14 @@ class AOTPipelineMixin:
         """
         shapes = self.static_shapes
         for name in ("height", "width"):
-            if call.get(name) is None:
+            if name in call and call[name] is None:
                 call[name] = getattr(shapes, name)
-        if (call["height"], call["width"]) != (shapes.height, shapes.width):
+        asked = (call.get("height", shapes.height), call.get("width", shapes.width))
+        if asked != (shapes.height, shapes.width):
             raise ValueError(
                 f"This pipeline was compiled for {shapes.height}x{shapes.width} images (height x width) but was "
-                f"called with height={call['height']}, width={call['width']}. Leave height and width out, or export "
-                f"again with --height {call['height']} --width {call['width']}."
+                f"called with height={asked[0]}, width={asked[1]}. Leave height and width out, or export "
+                f"again with --height {asked[0]} --width {asked[1]}."
             )
         nipp = call.get("num_images_per_prompt") or 1
         if nipp != shapes.num_images_per_prompt:

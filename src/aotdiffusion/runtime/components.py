@@ -96,7 +96,7 @@ class AOTTextEncoder(AOTModelPart):
 class AOTUNet(AOTModelPart):
     def __init__(self, compiled: CompiledComponent):
         super().__init__(compiled)
-        in_features = compiled.manifest.get("add_embedding_in_features")
+        in_features = compiled.static.get("add_embedding_in_features")
         if in_features is not None:  # SDXL validates its time ids against this
             self.add_embedding = SimpleNamespace(linear_1=SimpleNamespace(in_features=in_features))
 
@@ -167,7 +167,7 @@ class AOTAutoencoderKL:
                 "This pipeline was exported without a VAE encoder, which image-to-image and inpainting need. "
                 "Export it again with the encoder (the default)."
             )
-        moments = self.encoder(sample=x)["latent_parameters"]
+        moments = torch.cat([self.encoder(sample=x[i : i + 1])["latent_parameters"] for i in range(x.shape[0])])
         posterior = DiagonalGaussianDistribution(moments)
         return AutoencoderKLOutput(latent_dist=posterior) if return_dict else (posterior,)
 

@@ -1,0 +1,89 @@
+"""``AOTDiffusionPipeline``: the right compiled class for any model or export, like ``DiffusionPipeline``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from .. import artifact
+from .latent_consistency import AOTLatentConsistencyModelPipeline
+from .stable_diffusion import (
+    AOTStableDiffusionImg2ImgPipeline,
+    AOTStableDiffusionInpaintPipeline,
+    AOTStableDiffusionPipeline,
+)
+from .stable_diffusion_xl import (
+    AOTStableDiffusionXLImg2ImgPipeline,
+    AOTStableDiffusionXLInpaintPipeline,
+    AOTStableDiffusionXLPipeline,
+)
+
+PIPELINES = {
+    cls.__name__: cls
+    for cls in (
+        AOTStableDiffusionPipeline,
+        AOTStableDiffusionImg2ImgPipeline,
+        AOTStableDiffusionInpaintPipeline,
+        AOTStableDiffusionXLPipeline,
+        AOTStableDiffusionXLImg2ImgPipeline,
+        AOTStableDiffusionXLInpaintPipeline,
+        AOTLatentConsistencyModelPipeline,
+    )
+}
+# The diffusers class a model's model_index.json names -> the compiled class that exports it.
+BY_DIFFUSERS_CLASS = {cls.diffusers_class.__name__: cls for cls in PIPELINES.values()}
+# --task -> (text-to-image, image-to-image, inpainting) classes of that family.
+FAMILIES: dict[str, tuple[type, type | None, type | None]] = {
+    "stable-diffusion": (
+        AOTStableDiffusionPipeline,
+        AOTStableDiffusionImg2ImgPipeline,
+        AOTStableDiffusionInpaintPipeline,
+    ),
+    "stable-diffusion-xl": (
+        AOTStableDiffusionXLPipeline,
+        AOTStableDiffusionXLImg2ImgPipeline,
+        AOTStableDiffusionXLInpaintPipeline,
+    ),
+    "latent-consistency": (AOTLatentConsistencyModelPipeline, None, None),
+}
+
+
+def family_of(pipeline_cls: type) -> str:
+    return next(task for task, classes in FAMILIES.items() if pipeline_cls in classes)
+
+
+def read_model_index(model: str | Path, **hub_kwargs: Any) -> dict[str, Any]:
+    path = Path(model)
+    if path.is_dir():
+        return artifact.read_json(path / artifact.MODEL_INDEX_FILE)
+    from huggingface_hub import hf_hub_download
+
+    return artifact.read_json(Path(hf_hub_download(str(model), artifact.MODEL_INDEX_FILE, **hub_kwargs)))
+
+
+def pipeline_class_for(model: str | Path, *, exported: bool, **hub_kwargs: Any) -> type:
+    index = read_model_index(model, **hub_kwargs)
+    if exported:
+        block = index.get(artifact.MANIFEST_KEY)
+        if block is None:
+            artifact.read_pipeline_index(Path(model))  # raises the "not compiled, export it" error
+        return PIPELINES[block["pipeline_class"]]
+    name = index.get("_class_name")
+    if name not in BY_DIFFUSERS_CLASS:
+        supported = ", ".join(sorted(BY_DIFFUSERS_CLASS))
+        raise ValueError(f"{model} is a {name}, which aotdiffusion does not compile; supported: {supported}.")
+    return BY_DIFFUSERS_CLASS[name]
+
+
+class AOTDiffusionPipeline:
+    """Not instantiated: ``from_pretrained`` returns an instance of the matching compiled pipeline class."""
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | Path, *, export: bool = False, **kwargs: Any):
+        hub = {k: kwargs[k] for k in ("revision", "token", "cache_dir", "local_files_only") if k in kwargs}
+        if not export and not Path(pretrained_model_name_or_path).is_dir():
+            from huggingface_hub import snapshot_download
+
+            pretrained_model_name_or_path = snapshot_download(str(pretrained_model_name_or_path), **hub)
+        pipeline_cls = pipeline_class_for(pretrained_model_name_or_path, exported=not export, **hub)
+        return pipeline_cls.from_pretrained(pretrained_model_name_or_path, export=export, **kwargs)
