@@ -25,7 +25,8 @@ def run_pipe(pipe, seed: int = 0, **kwargs) -> np.ndarray:
     """One call with a fresh CPU generator (diffusers' reproducibility rule), images as numpy in [0, 1]."""
     kwargs.setdefault("prompt", PROMPT)
     kwargs.setdefault("num_inference_steps", STEPS)
-    return pipe(generator=torch.Generator().manual_seed(seed), output_type="np", **kwargs).images
+    kwargs.setdefault("output_type", "np")
+    return pipe(generator=torch.Generator().manual_seed(seed), **kwargs).images
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:

@@ -6,7 +6,13 @@ import pytest
 import torch
 
 from aotdiffusion.cli import _parser
-from aotdiffusion.export.precision import CastMatmuls, Precision, PrecisionWrapper, full_precision_matmuls
+from aotdiffusion.export.precision import (
+    CastMatmuls,
+    Precision,
+    PrecisionWrapper,
+    full_precision_matmuls,
+    low_precision_weights,
+)
 from aotdiffusion.shapes import PipelineShapes
 
 
@@ -69,11 +75,27 @@ def test_policy_check_finds_escaped_matmuls():
     assert len(full_precision_matmuls(program.graph, torch.bfloat16)) == 3
 
 
-def test_all_policy_keeps_an_fp32_interface():
+def test_all_policy_keeps_an_fp32_interface_and_restores_weights():
     module = _ConvNormLinear().eval()
-    wrapped = PrecisionWrapper(module, Precision("all", "bf16"))
-    assert wrapped.module.conv.weight.dtype == torch.bfloat16
-    assert wrapped(torch.randn(2, 4, 8, 8))[0].dtype == torch.float32
+    original = module.conv.weight.clone()
+    with low_precision_weights(module, Precision("all", "bf16")):
+        assert module.conv.weight.dtype == module.norm.weight.dtype == torch.bfloat16
+        assert PrecisionWrapper(module, Precision("all", "bf16"))(torch.randn(2, 4, 8, 8))[0].dtype == torch.float32
+    assert module.conv.weight.dtype == torch.float32 and torch.equal(module.conv.weight, original)
+
+
+def test_matmul_policy_stores_only_matmul_weights_in_bf16():
+    module = _ConvNormLinear().eval()
+    with low_precision_weights(module, Precision("matmul", "bf16")):
+        assert module.conv.weight.dtype == module.linear.bias.dtype == torch.bfloat16
+        assert module.norm.weight.dtype == torch.float32
+        program, _ = _dtypes_in_graph(
+            PrecisionWrapper(module, Precision("matmul", "bf16")).eval(), torch.randn(1, 4, 8, 8)
+        )
+        # The exported program shares the module's parameters: compile before leaving the block.
+        weights = {name: t.dtype for name, t in program.state_dict.items()}
+        assert weights["module.conv.weight"] == torch.bfloat16 and weights["module.norm.weight"] == torch.float32
+    assert module.conv.weight.dtype == torch.float32
 
 
 def test_cast_mode_matches_eager_closely():

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,7 +12,7 @@ from safetensors.torch import save_file
 
 from .. import artifact
 from .components import ComponentSpec
-from .precision import Precision, PrecisionWrapper, full_precision_matmuls
+from .precision import Precision, PrecisionWrapper, full_precision_matmuls, low_precision_weights
 
 
 @dataclass(frozen=True)
@@ -42,10 +41,9 @@ class ExportError(RuntimeError):
 
 
 def trace(spec: ComponentSpec, options: CompilerOptions) -> torch.export.ExportedProgram:
+    """Exports ``spec``; call inside :func:`low_precision_weights`, which must stay open until compiled."""
     precision = options.precision
-    # "all" converts the weights; keep the caller's module intact as the fp32 reference.
-    module = copy.deepcopy(spec.module) if precision.auto_cast == "all" else spec.module
-    wrapped = PrecisionWrapper(module.to(options.device), precision).eval()
+    wrapped = PrecisionWrapper(spec.module.to(options.device), precision).eval()
     inputs = tuple(t.to(options.device) for t in spec.example_inputs().values())
     try:
         with torch.no_grad():
@@ -66,17 +64,18 @@ def compile_component(spec: ComponentSpec, options: CompilerOptions, folder: Pat
     """Compiles ``spec`` into ``folder`` and writes ``config.json``; returns the manifest block."""
     folder.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    program = trace(spec, options)
-    traced = time.perf_counter()
     package = folder / artifact.PACKAGE_FILE
-    try:
-        torch._inductor.aoti_compile_and_package(
-            program, package_path=str(package), inductor_configs=options.inductor_configs()
-        )
-    except Exception as error:
-        raise ExportError(f"AOTInductor failed to compile {spec.name}: {error}") from error
+    with low_precision_weights(spec.module, options.precision):
+        program = trace(spec, options)
+        traced = time.perf_counter()
+        try:
+            torch._inductor.aoti_compile_and_package(
+                program, package_path=str(package), inductor_configs=options.inductor_configs()
+            )
+        except Exception as error:
+            raise ExportError(f"AOTInductor failed to compile {spec.name}: {error}") from error
+        del program
     compiled = time.perf_counter()
-    del program
 
     files = {artifact.PACKAGE_FILE: artifact.file_record(package)}
     extra = {}

@@ -17,6 +17,7 @@ flows on into GroupNorm and SiLU in bf16, which is not "the rest in fp32".
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -122,13 +123,46 @@ class CastMatmuls(TorchFunctionMode):
         return value
 
 
+_MATMUL_MODULES = (torch.nn.Linear, torch.nn.modules.conv._ConvNd)
+
+
+@contextmanager
+def low_precision_weights(module: torch.nn.Module, precision: Precision):
+    """Stores the weights that run in the low type in that type while the block runs (tracing, compiling).
+
+    Casting inside the graph instead would convert every weight on every call (AOTInductor does not
+    fold it: measured 3.4 GB of casts per SD 1.5 UNet step) and store fp32 weights twice as large.
+    The fp32 tensors come back afterwards, so the caller's module stays the eager fp32 reference
+    without a second copy of the model in memory.
+    """
+    if precision.low_dtype == torch.float32:
+        yield module
+        return
+    swapped = []
+    for sub in module.modules():
+        if precision.auto_cast == "all" or isinstance(sub, _MATMUL_MODULES):
+            tensors = list(sub.parameters(recurse=False)) + list(sub.buffers(recurse=False))
+            for tensor in tensors:
+                if tensor.is_floating_point() and tensor.dtype != precision.low_dtype:
+                    swapped.append((tensor, tensor.data))
+                    tensor.data = tensor.data.to(precision.low_dtype)
+    try:
+        yield module
+    finally:
+        for tensor, data in swapped:
+            tensor.data = data
+
+
 class PrecisionWrapper(torch.nn.Module):
-    """Applies a :class:`Precision` around a traceable component, keeping its fp32 signature."""
+    """Applies a :class:`Precision` around a traceable component, keeping its fp32 signature.
+
+    Use it inside :func:`low_precision_weights` for "all", whose weights must already be in the low type.
+    """
 
     def __init__(self, module: torch.nn.Module, precision: Precision):
         super().__init__()
         self.precision = precision
-        self.module = module.to(precision.low_dtype) if precision.auto_cast == "all" else module
+        self.module = module
 
     def forward(self, *args: torch.Tensor):
         if self.precision.low_dtype == torch.float32:
