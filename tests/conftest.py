@@ -192,3 +192,15 @@ def lcm_sdxl_export(tiny, tmp_path_factory) -> Path:
         auto_cast="none", vae_encoder=False,
     )  # fmt: skip
     return out
+
+
+@pytest.fixture(scope="session")
+def sd_split_guidance(tiny_sd, tmp_path_factory) -> Path:
+    """The UNet compiled for half the guidance batch (for data_parallel_mode="unet")."""
+    return _export(
+        tiny_sd,
+        tmp_path_factory.mktemp("exports") / "sd-split",
+        auto_cast="none",
+        split_guidance_batch=True,
+        vae_encoder=False,
+    )

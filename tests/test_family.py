@@ -206,3 +206,21 @@ def test_cli_generates_each_task(sdxl_export, sdxl_turbo_export, lcm_export, sd_
         assert (out / "seed0-0.png").is_file(), result.stdout
     failed = cli("generate", str(lcm_export), "a cat", "--image", str(tmp_path / "in.png"), check=False)
     assert failed.returncode == 2 and "do not take an input image" in failed.stderr
+
+
+def test_split_guidance_batch_runs_the_halves_and_matches_eager(sd_split_guidance, eager_sd):
+    pipe = load(AOTDiffusionPipeline, sd_split_guidance)
+    assert pipe.unet.batch_size == 1 and pipe.static_shapes.classifier_free_guidance
+    expected = run_pipe(eager_sd, negative_prompt="blurry")
+    close(run_pipe(pipe, negative_prompt="blurry"), expected)  # halves one after the other
+    parallel = load(AOTDiffusionPipeline, sd_split_guidance, data_parallel_mode="unet")
+    try:
+        assert len(parallel.unet.replicas) == 2
+        close(run_pipe(parallel, negative_prompt="blurry"), expected, atol=1e-5)  # halves side by side
+    finally:
+        parallel.enable_data_parallel("none")
+
+
+def test_unet_data_parallel_needs_a_split_export(sd_fp32):
+    with pytest.raises(ValueError, match=r"compiled for the whole guidance batch \(2\).*--split-guidance-batch"):
+        load(AOTDiffusionPipeline, sd_fp32, data_parallel_mode="unet")

@@ -188,3 +188,10 @@ def test_vae_encoder_matches_eager(sd_fp32, eager_sd, load):
     torch.testing.assert_close(actual.mean, expected.mean, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(actual.sample(torch.manual_seed(3)), expected.sample(torch.manual_seed(3)),
                                atol=1e-4, rtol=1e-4)  # fmt: skip
+
+
+def test_export_arguments_without_export_are_an_error(sd_fp32):
+    from aotdiffusion import AOTStableDiffusionPipeline
+
+    with pytest.raises(ValueError, match=r"\['auto_cast', 'height'\] are export arguments.*export=True"):
+        AOTStableDiffusionPipeline.from_pretrained(sd_fp32, auto_cast="none", height=64)

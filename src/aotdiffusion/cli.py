@@ -45,6 +45,12 @@ def _parser() -> argparse.ArgumentParser:
         help="compile the UNet for the guidance batch (default: on, off for LCM); "
         "--no-classifier-free-guidance for guidance_scale <= 1 (e.g. Turbo models)",
     )
+    _flag(
+        export,
+        "split-guidance-batch",
+        action="store_true",
+        help="compile the UNet for half the guidance batch (for data_parallel_mode='unet')",
+    )
     _flag(export, "device", default="cpu", help="cpu or cuda (default cpu)")
     _flag(export, "disable-validation", action="store_true", help="skip comparing each component with eager PyTorch")
     _flag(export, "no-vae-encoder", action="store_true", help="leave out the VAE encoder (text-to-image only)")
@@ -96,10 +102,9 @@ def _export(args: argparse.Namespace) -> None:
     hub = {"revision": args.revision} if args.revision else {}
     cls = _pipeline_class(args.task, args.model, hub)
     start = time.perf_counter()
-    cls.from_pretrained(
+    cls.export(
         args.model,
-        export=True,
-        export_dir=args.output,
+        args.output,
         device=args.device,
         auto_cast=args.auto_cast,
         auto_cast_type=args.auto_cast_type,
@@ -111,6 +116,7 @@ def _export(args: argparse.Namespace) -> None:
         width=args.width,
         num_images_per_prompt=args.num_images_per_prompt,
         classifier_free_guidance=args.classifier_free_guidance,
+        split_guidance_batch=args.split_guidance_batch,
         **hub,
     )
     print(f"Exported to {args.output} in {time.perf_counter() - start:.0f}s. Generate with:")

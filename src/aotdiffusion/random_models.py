@@ -313,6 +313,73 @@ def full_size_stable_diffusion_15(seed: int = 0):
     )
 
 
+def full_size_stable_diffusion_xl(seed: int = 0):
+    """SDXL base 1.0's architecture (2.6B-parameter UNet, CLIP-L + OpenCLIP-G, 1024x1024) with random weights."""
+    from diffusers import AutoencoderKL, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    tokenizer = tiny_clip_tokenizer()
+    special = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                   pad_token_id=tokenizer.pad_token_id, vocab_size=49408, max_position_embeddings=77)  # fmt: skip
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            hidden_size=768,
+            intermediate_size=3072,
+            num_attention_heads=12,
+            num_hidden_layers=12,
+            hidden_act="quick_gelu",
+            projection_dim=768,
+            **special,
+        )  # fmt: skip
+    )
+    text_encoder_2 = CLIPTextModelWithProjection(
+        CLIPTextConfig(
+            hidden_size=1280,
+            intermediate_size=5120,
+            num_attention_heads=20,
+            num_hidden_layers=32,
+            hidden_act="gelu",
+            projection_dim=1280,
+            **special,
+        )  # fmt: skip
+    )
+    unet = UNet2DConditionModel(
+        sample_size=128,
+        block_out_channels=(320, 640, 1280),
+        layers_per_block=2,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 2, 10),
+        attention_head_dim=(5, 10, 20),
+        cross_attention_dim=2048,
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=256,
+        projection_class_embeddings_input_dim=2816,
+    )
+    vae = AutoencoderKL(
+        block_out_channels=[128, 256, 512, 512],
+        layers_per_block=2,
+        down_block_types=["DownEncoderBlock2D"] * 4,
+        up_block_types=["UpDecoderBlock2D"] * 4,
+        latent_channels=4,
+        sample_size=1024,
+        scaling_factor=0.13025,
+        force_upcast=True,
+    )
+    return StableDiffusionXLPipeline(
+        vae=vae.eval(),
+        text_encoder=text_encoder.eval(),
+        text_encoder_2=text_encoder_2.eval(),
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer,
+        unet=unet.eval(),
+        scheduler=_sdxl_scheduler(),
+        add_watermarker=False,
+    )
+
+
 TINY_MODELS = {
     "sd": tiny_stable_diffusion,
     "sd-inpaint": tiny_stable_diffusion_inpaint,
@@ -321,7 +388,7 @@ TINY_MODELS = {
     "sdxl-refiner": tiny_stable_diffusion_xl_refiner,
     "lcm-sdxl": tiny_lcm_sdxl_unet,
 }
-FULL_SIZE_MODELS = {"sd": full_size_stable_diffusion_15}
+FULL_SIZE_MODELS = {"sd": full_size_stable_diffusion_15, "sdxl": full_size_stable_diffusion_xl}
 
 
 def save_tiny(kind: str, path: str | Path, *, full_size: bool = False) -> Path:

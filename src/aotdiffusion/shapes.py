@@ -20,9 +20,14 @@ class PipelineShapes:
     # Classifier-free guidance runs the UNet on the negative and positive halves in one batch, so a
     # UNet compiled for guidance sees twice the images. LCM and Turbo models run without it.
     classifier_free_guidance: bool = True
+    # Compile the UNet for one half of the guidance batch: it runs the negative and the positive half
+    # one after the other, or side by side on two replicas (data_parallel_mode="unet").
+    split_guidance_batch: bool = False
     sequence_length: int = 77
 
     def __post_init__(self) -> None:
+        if self.split_guidance_batch and not self.classifier_free_guidance:
+            raise ValueError("`split_guidance_batch` splits the guidance batch; it needs classifier-free guidance on.")
         for name in ("batch_size", "num_images_per_prompt", "height", "width", "sequence_length"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
@@ -48,7 +53,8 @@ class PipelineShapes:
 
     @property
     def unet_batch(self) -> int:
-        return self.images * (2 if self.classifier_free_guidance else 1)
+        doubled = self.classifier_free_guidance and not self.split_guidance_batch
+        return self.images * (2 if doubled else 1)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -124,10 +124,14 @@ def export_pipeline(
     vae_encoder: bool = True,
     log: Callable[[str], None] | None = None,
     compile_fn: Callable[[ComponentSpec, CompilerOptions, Path], dict] = compile_component,
+    release_weights: bool = False,
 ) -> list[ComponentResult]:
     """Writes an exported pipeline to ``output_dir``; returns one result per component.
 
     ``compile_fn`` is the per-component compiler (a seam for tests that need a broken artifact).
+    ``release_weights`` frees each eager text encoder and UNet once compiled and validated, so that a
+    full-size SDXL export holds one fp32 model at a time; it leaves ``pipe`` unusable (for callers
+    that loaded it only to export it).
     """
     # Flushed: the progress of a many-minute export must show when stdout is a log file too.
     log = log or partial(print, flush=True)
@@ -143,6 +147,11 @@ def export_pipeline(
         f"guidance batch {'on' if shapes.classifier_free_guidance else 'off'}, {options.precision.describe()} "
         f"on {options.device}"
     )
+    if options.device == "cpu" and options.precision.low_dtype == torch.bfloat16 and not _has_amx():
+        log(
+            "note: this CPU has no AMX (amx_tile/amx_bf16 absent from /proc/cpuinfo); bf16 matrix multiplications "
+            "run without hardware acceleration and can be slower than fp32 here. --auto-cast none compiles fp32."
+        )
     results = []
     for i, spec in enumerate(specs, 1):
         log(f"[{i}/{len(specs)}] {spec.name}: tracing and compiling")
@@ -155,6 +164,8 @@ def export_pipeline(
             report = validate_component(spec, compiled, options.precision)
             manifest["validation"] = report.to_dict()
             write_manifest(output / spec.name, spec.config, manifest)
+        if release_weights and spec.role in ("text_encoder", "unet"):
+            spec.module.to("meta")  # the VAE's encoder and decoder share one module: kept
         size = sum(record["bytes"] for record in manifest["files"].values())
         timings = manifest["timings"]
         results.append(ComponentResult(spec.name, timings["trace_s"], timings["compile_s"], size, report))
@@ -208,6 +219,11 @@ def _write_model_index(
         "versions": artifact.environment_versions(),
     }
     artifact.write_json(output / artifact.MODEL_INDEX_FILE, index)
+
+
+def _has_amx() -> bool:
+    flags = artifact.cpu_flags()
+    return flags is None or {"amx_tile", "amx_bf16"} <= flags
 
 
 def peak_rss_bytes() -> int:

@@ -42,33 +42,63 @@ class AOTPipelineMixin:
         verify_checksums: bool = False,
         data_parallel_mode: str = "none",
         devices: list | None = None,
-        # export-only: compiler arguments
+        export_dir: str | Path | None = None,
+        **export_kwargs: Any,
+    ):
+        """Loads an exported pipeline, or with ``export=True`` compiles a diffusers one first.
+
+        Without ``export`` nothing is compiled: the folder (or Hub repository) must hold an export, and
+        the keyword arguments go to the Hub (``revision``, ``token``, ``cache_dir``...). With ``export``
+        they are :meth:`export`'s compiler arguments and input shapes; the export is written to
+        ``export_dir`` (a temporary folder when left out: ``save_pretrained`` keeps it).
+        """
+        if not export:
+            export_only = sorted(set(export_kwargs) & set(inspect.signature(cls.export).parameters))
+            if export_only:
+                raise ValueError(
+                    f"{export_only} are export arguments, but export=False loads an existing export as it was "
+                    "compiled. Pass export=True to compile with them."
+                )
+            folder = _local_or_download(pretrained_model_name_or_path, export_kwargs)
+            pipe = cls._from_exported(folder, device=device, verify_checksums=verify_checksums)
+            return pipe.enable_data_parallel(data_parallel_mode, devices)
+        tmp = None
+        if export_dir is None:
+            tmp = tempfile.TemporaryDirectory(prefix="aotdiffusion-")
+            export_dir = tmp.name
+        cls.export(pretrained_model_name_or_path, export_dir, device=device or "cpu", **export_kwargs)
+        pipe = cls._from_exported(Path(export_dir), device=device)
+        pipe._export_tmpdir = tmp  # lives as long as the pipeline: save_pretrained copies from it
+        return pipe.enable_data_parallel(data_parallel_mode, devices)
+
+    @classmethod
+    def export(
+        cls,
+        model: str | Path,
+        output_dir: str | Path,
+        *,
+        device: str = "cpu",
+        # compiler arguments
         auto_cast: str = "matmul",
         auto_cast_type: str = "bf16",
         validate: bool = True,
         freezing: bool = True,
         vae_encoder: bool = True,
         unet_id: str | None = None,
-        export_dir: str | Path | None = None,
-        # export-only: input shapes
+        # input shapes
         batch_size: int | None = None,
         height: int | None = None,
         width: int | None = None,
         num_images_per_prompt: int | None = None,
         classifier_free_guidance: bool | None = None,
+        split_guidance_batch: bool = False,
         **hub_kwargs: Any,
-    ):
-        """Loads an exported pipeline, or with ``export=True`` compiles a diffusers one first.
+    ) -> list:
+        """Compiles ``model`` (hub id or diffusers folder) into ``output_dir``, without loading the result.
 
-        Without ``export`` nothing is compiled: the folder (or Hub repository) must hold an export.
-        ``hub_kwargs`` (``revision``, ``token``, ``cache_dir``, ``local_files_only``...) go to the Hub.
+        Returns one :class:`~aotdiffusion.export.pipeline.ComponentResult` per compiled component.
         """
-        if not export:
-            folder = _local_or_download(pretrained_model_name_or_path, hub_kwargs)
-            pipe = cls._from_exported(folder, device=device, verify_checksums=verify_checksums)
-            return pipe.enable_data_parallel(data_parallel_mode, devices)
-
-        source = cls.load_source(pretrained_model_name_or_path, unet_id=unet_id, **hub_kwargs)
+        source = cls.load_source(model, unet_id=unet_id, **hub_kwargs)
         shapes = default_shapes(
             source,
             batch_size=batch_size,
@@ -76,25 +106,19 @@ class AOTPipelineMixin:
             width=width,
             num_images_per_prompt=num_images_per_prompt,
             classifier_free_guidance=classifier_free_guidance,
+            split_guidance_batch=split_guidance_batch,
         )
-        options = CompilerOptions(Precision(auto_cast, auto_cast_type), device=device or "cpu", freezing=freezing)
-        tmp = None
-        if export_dir is None:
-            tmp = tempfile.TemporaryDirectory(prefix="aotdiffusion-")
-            export_dir = tmp.name
-        export_pipeline(
+        options = CompilerOptions(Precision(auto_cast, auto_cast_type), device=device, freezing=freezing)
+        return export_pipeline(
             source,
-            export_dir,
+            output_dir,
             shapes,
             options,
             pipeline_class=cls.__name__,
             validate=validate,
             vae_encoder=vae_encoder,
+            release_weights=True,
         )
-        del source
-        pipe = cls._from_exported(Path(export_dir), device=device)
-        pipe._export_tmpdir = tmp  # lives as long as the pipeline: save_pretrained copies from it
-        return pipe.enable_data_parallel(data_parallel_mode, devices)
 
     @classmethod
     def load_source(cls, model_id: str | Path, *, unet_id: str | None = None, **hub_kwargs: Any) -> DiffusionPipeline:
@@ -224,24 +248,41 @@ class AOTPipelineMixin:
 
     # ---------------------------------------------------------------------------- data parallel
     def enable_data_parallel(self, mode: str = "all", devices: list | None = None):
-        """``"all"``: a batch of prompts is split into chunks of the compiled batch size, one whole pipeline
-        replica per device runs them side by side. On CPU a device is a list of core ids (default: the
-        cores split in two); on CUDA a device string such as ``"cuda:1"``. ``"none"`` turns it off.
-        """
-        if mode not in ("none", "all"):
-            raise ValueError(
-                f"`data_parallel_mode` must be 'none' or 'all', got {mode!r}: 'unet' needs a UNet compiled for half "
-                "the guidance batch, which exports do not produce yet."
-            )
-        if self._replicas is not None:
-            self._replicas.close()
-            self._replicas = None
-        if mode == "all":
-            from ..runtime.parallel import ReplicaPool, default_cpu_groups
+        """Runs work side by side on several devices; each replica is a process pinned to its device.
 
-            if devices is None:
-                devices = default_cpu_groups(2) if self.compiled_device.type == "cpu" else ["cuda:0", "cuda:1"]
+        * ``"all"``: a batch of prompts is split into chunks of the compiled batch size, and one whole
+          pipeline replica per device runs them.
+        * ``"unet"``: two UNet replicas run the negative and positive halves of the guidance batch at
+          once; the export must be compiled with ``split_guidance_batch=True``.
+        * ``"none"``: everything in this process.
+
+        On CPU a device is a list of core ids (default: this process's cores split in two); on CUDA a
+        device string such as ``"cuda:1"`` (default: the first two GPUs).
+        """
+        if mode not in ("none", "all", "unet"):
+            raise ValueError(f"`data_parallel_mode` must be 'none', 'all' or 'unet', got {mode!r}.")
+        for pool in (self._replicas, self.unet.replicas):
+            if pool is not None:
+                pool.close()
+        self._replicas = self.unet.replicas = None
+        if mode == "none":
+            return self
+        from ..runtime.parallel import ReplicaPool, default_cpu_groups
+
+        if devices is None:
+            devices = default_cpu_groups(2) if self.compiled_device.type == "cpu" else ["cuda:0", "cuda:1"]
+        if mode == "all":
             self._replicas = ReplicaPool(self._artifact_dir, type(self).__name__, devices)
+            return self
+        if not self.static_shapes.split_guidance_batch:
+            raise ValueError(
+                "data_parallel_mode='unet' runs the two guidance halves on two UNet replicas, but this UNet was "
+                f"compiled for the whole guidance batch ({self.unet.batch_size}). Export again with "
+                "--split-guidance-batch (split_guidance_batch=True), or use data_parallel_mode='all'."
+            )
+        if len(devices) != 2:
+            raise ValueError(f"data_parallel_mode='unet' runs the two guidance halves on 2 devices, got {devices}.")
+        self.unet.replicas = ReplicaPool(self.unet.compiled.folder, None, devices)
         return self
 
     def _call_replicas(self, call: dict[str, Any], extra: dict[str, Any]):

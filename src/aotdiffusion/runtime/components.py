@@ -96,6 +96,8 @@ class AOTTextEncoder(AOTModelPart):
 class AOTUNet(AOTModelPart):
     def __init__(self, compiled: CompiledComponent):
         super().__init__(compiled)
+        # Replicas of this UNet in other processes that run the two guidance halves side by side.
+        self.replicas = None
         in_features = compiled.static.get("add_embedding_in_features")
         if in_features is not None:  # SDXL validates its time ids against this
             self.add_embedding = SimpleNamespace(linear_1=SimpleNamespace(in_features=in_features))
@@ -128,14 +130,23 @@ class AOTUNet(AOTModelPart):
         timestep = torch.as_tensor(timestep, device=sample.device).to(torch.float32).reshape(-1)
         timestep = timestep.expand(sample.shape[0])
         added = added_cond_kwargs or {}
-        out = self.compiled(
-            sample=sample,
-            timestep=timestep,
-            encoder_hidden_states=encoder_hidden_states,
-            timestep_cond=timestep_cond,
-            text_embeds=added.get("text_embeds"),
-            time_ids=added.get("time_ids"),
-        )["sample"]
+        inputs = {
+            "sample": sample,
+            "timestep": timestep,
+            "encoder_hidden_states": encoder_hidden_states,
+            "timestep_cond": timestep_cond,
+            "text_embeds": added.get("text_embeds"),
+            "time_ids": added.get("time_ids"),
+        }
+        if self.compiled.static.get("split_guidance_batch") and sample.shape[0] == 2 * self.batch_size:
+            halves = [{k: None if v is None else v.chunk(2)[i] for k, v in inputs.items()} for i in range(2)]
+            if self.replicas is not None:
+                results = self.replicas.map(halves)
+            else:
+                results = [self.compiled(**half) for half in halves]
+            out = torch.cat([r["sample"] for r in results])
+        else:
+            out = self.compiled(**inputs)["sample"]
         return UNet2DConditionOutput(sample=out) if return_dict else (out,)
 
 

@@ -29,7 +29,21 @@ def default_cpu_groups(replicas: int = 2) -> list[list[int]]:
     return [cores[i * size : (i + 1) * size] for i in range(replicas)]
 
 
-def _worker(conn, folder: str, class_name: str, device: Device) -> None:
+def _load(folder: str, class_name: str | None, device: str | None):
+    """A callable that serves one request: a whole pipeline, or one compiled component (class_name None)."""
+    if class_name is None:
+        from .compiled import CompiledComponent
+
+        component = CompiledComponent(folder, device=device)
+        return lambda request: component(**request)
+    from ..pipelines.auto import PIPELINES
+
+    pipe = PIPELINES[class_name].from_pretrained(folder, device=device)
+    pipe.set_progress_bar_config(disable=True)
+    return lambda request: _run(pipe, **request)
+
+
+def _worker(conn, folder: str, class_name: str | None, device: Device) -> None:
     try:
         if isinstance(device, str):
             load_device = device
@@ -37,10 +51,7 @@ def _worker(conn, folder: str, class_name: str, device: Device) -> None:
             os.sched_setaffinity(0, list(device))
             torch.set_num_threads(len(device))
             load_device = None
-        from ..pipelines.auto import PIPELINES
-
-        pipe = PIPELINES[class_name].from_pretrained(folder, device=load_device)
-        pipe.set_progress_bar_config(disable=True)
+        serve = _load(folder, class_name, load_device)
         conn.send(("ready", None))
     except Exception as error:  # the parent re-raises it with the replica's device
         conn.send(("error", error))
@@ -50,7 +61,7 @@ def _worker(conn, folder: str, class_name: str, device: Device) -> None:
         if request is None:
             return
         try:
-            conn.send(("ok", _run(pipe, **request)))
+            conn.send(("ok", serve(request)))
         except Exception as error:
             conn.send(("error", error))
 
@@ -68,9 +79,12 @@ def _run(pipe, *, scheduler: tuple[str, dict], generator_states: list[torch.Tens
 
 
 class ReplicaPool:
-    """Worker processes, each holding the exported pipeline at ``folder`` on its own device."""
+    """Worker processes, each holding the exported pipeline at ``folder`` on its own device.
 
-    def __init__(self, folder: str | Path, class_name: str, devices: Sequence[Device]):
+    With ``class_name=None``, ``folder`` is one compiled component and each replica holds only that.
+    """
+
+    def __init__(self, folder: str | Path, class_name: str | None, devices: Sequence[Device]):
         context = mp.get_context("spawn")  # fork would copy this process's thread pools and locks
         self.devices = list(devices)
         self._workers = []
