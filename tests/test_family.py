@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -159,6 +161,21 @@ def test_data_parallel_all_matches_separate_calls(sdxl_turbo_export):
     assert images.shape == (2, 64, 64, 3) and len(pil.images) == 2
     # Each replica runs one thread, the single pipeline two: fp32 sums may round differently.
     close(images, np.concatenate(separate), atol=1e-5)
+
+
+def test_data_parallel_from_a_script_without_a_main_guard(sdxl_turbo_export, tmp_path):
+    # The tutorial's code is a plain script: replicas must not re-run the caller's main module.
+    script = tmp_path / "turbo.py"
+    script.write_text(
+        "from aotdiffusion import AOTStableDiffusionXLPipeline\n"
+        "print('script body ran', flush=True)\n"
+        f"pipe = AOTStableDiffusionXLPipeline.from_pretrained({str(sdxl_turbo_export)!r}, data_parallel_mode='all')\n"
+        "images = pipe(['a cyborg'] * 2, guidance_scale=0.0, num_inference_steps=1).images\n"
+        "print('images', len(images), images[0].size)\n"
+    )
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("script body ran") == 1 and "images 2 (64, 64)" in result.stdout
 
 
 def test_image_size_rules(sd_fp32):

@@ -262,9 +262,23 @@ def _sd_scheduler():
     )
 
 
+def _full_size_vae(**overrides):
+    """The SD/SDXL autoencoder (same architecture, 8x downsampling)."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        block_out_channels=[128, 256, 512, 512],
+        layers_per_block=2,
+        down_block_types=["DownEncoderBlock2D"] * 4,
+        up_block_types=["UpDecoderBlock2D"] * 4,
+        latent_channels=4,
+        **overrides,
+    )
+
+
 def full_size_stable_diffusion_15(seed: int = 0):
     """Stable Diffusion 1.5's architecture (860M-parameter UNet, 512x512) with random weights."""
-    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     tokenizer = tiny_clip_tokenizer()
@@ -278,14 +292,7 @@ def full_size_stable_diffusion_15(seed: int = 0):
         cross_attention_dim=768,
         attention_head_dim=8,
     )
-    vae = AutoencoderKL(
-        block_out_channels=[128, 256, 512, 512],
-        layers_per_block=2,
-        down_block_types=["DownEncoderBlock2D"] * 4,
-        up_block_types=["UpDecoderBlock2D"] * 4,
-        latent_channels=4,
-        sample_size=512,
-    )
+    vae = _full_size_vae(sample_size=512)
     text_encoder = CLIPTextModel(
         CLIPTextConfig(
             vocab_size=49408,
@@ -315,7 +322,7 @@ def full_size_stable_diffusion_15(seed: int = 0):
 
 def full_size_stable_diffusion_xl(seed: int = 0):
     """SDXL base 1.0's architecture (2.6B-parameter UNet, CLIP-L + OpenCLIP-G, 1024x1024) with random weights."""
-    from diffusers import AutoencoderKL, StableDiffusionXLPipeline, UNet2DConditionModel
+    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     tokenizer = tiny_clip_tokenizer()
@@ -358,16 +365,7 @@ def full_size_stable_diffusion_xl(seed: int = 0):
         addition_time_embed_dim=256,
         projection_class_embeddings_input_dim=2816,
     )
-    vae = AutoencoderKL(
-        block_out_channels=[128, 256, 512, 512],
-        layers_per_block=2,
-        down_block_types=["DownEncoderBlock2D"] * 4,
-        up_block_types=["UpDecoderBlock2D"] * 4,
-        latent_channels=4,
-        sample_size=1024,
-        scaling_factor=0.13025,
-        force_upcast=True,
-    )
+    vae = _full_size_vae(sample_size=1024, scaling_factor=0.13025, force_upcast=True)
     return StableDiffusionXLPipeline(
         vae=vae.eval(),
         text_encoder=text_encoder.eval(),

@@ -1,5 +1,4 @@
-from .auto import PIPELINES, AOTDiffusionPipeline
-from .base import AOTPipelineMixin
+from .auto import AOTDiffusionPipeline
 from .latent_consistency import AOTLatentConsistencyModelPipeline
 from .stable_diffusion import (
     AOTStableDiffusionImg2ImgPipeline,
@@ -13,9 +12,7 @@ from .stable_diffusion_xl import (
 )
 
 __all__ = [
-    "PIPELINES",
     "AOTDiffusionPipeline",
-    "AOTPipelineMixin",
     "AOTLatentConsistencyModelPipeline",
     "AOTStableDiffusionPipeline",
     "AOTStableDiffusionImg2ImgPipeline",

@@ -9,9 +9,14 @@ allocators apart, which threads in one process cannot.
 
 from __future__ import annotations
 
-import multiprocessing as mp
+import json
 import os
+import pickle
+import socket
+import subprocess
+import sys
 from collections.abc import Sequence
+from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +32,17 @@ def default_cpu_groups(replicas: int = 2) -> list[list[int]]:
         raise ValueError(f"{replicas} CPU replicas need at least {replicas} cores; this process may use {len(cores)}.")
     size = len(cores) // replicas
     return [cores[i * size : (i + 1) * size] for i in range(replicas)]
+
+
+def _send(conn: Connection, value: Any) -> None:
+    # Plain pickle, not Connection.send: torch registers multiprocessing reducers that share tensors
+    # through file descriptors authenticated with a multiprocessing parent's key, which a replica
+    # started as its own process does not have.
+    conn.send_bytes(pickle.dumps(value))
+
+
+def _recv(conn: Connection) -> Any:
+    return pickle.loads(conn.recv_bytes())
 
 
 def _load(folder: str, class_name: str | None, device: str | None):
@@ -52,18 +68,18 @@ def _worker(conn, folder: str, class_name: str | None, device: Device) -> None:
             torch.set_num_threads(len(device))
             load_device = None
         serve = _load(folder, class_name, load_device)
-        conn.send(("ready", None))
+        _send(conn, ("ready", None))
     except Exception as error:  # the parent re-raises it with the replica's device
-        conn.send(("error", error))
+        _send(conn, ("error", error))
         return
     while True:
-        request = conn.recv()
+        request = _recv(conn)
         if request is None:
             return
         try:
-            conn.send(("ok", serve(request)))
+            _send(conn, ("ok", serve(request)))
         except Exception as error:
-            conn.send(("error", error))
+            _send(conn, ("error", error))
 
 
 def _run(pipe, *, scheduler: tuple[str, dict], generator_states: list[torch.Tensor] | None, call: dict[str, Any]):
@@ -85,16 +101,21 @@ class ReplicaPool:
     """
 
     def __init__(self, folder: str | Path, class_name: str | None, devices: Sequence[Device]):
-        context = mp.get_context("spawn")  # fork would copy this process's thread pools and locks
         self.devices = list(devices)
         self._workers = []
         for device in self.devices:
-            parent, child = context.Pipe()
-            process = context.Process(target=_worker, args=(child, str(folder), class_name, device), daemon=True)
-            process.start()
-            self._workers.append((process, parent))
+            ours, theirs = socket.socketpair()
+            spec = json.dumps([str(folder), class_name, device if isinstance(device, str) else list(device)])
+            process = subprocess.Popen(
+                [sys.executable, "-m", __name__, str(theirs.fileno()), spec], pass_fds=[theirs.fileno()]
+            )
+            theirs.close()
+            self._workers.append((process, Connection(ours.detach())))
         for device, (_, conn) in zip(self.devices, self._workers):
-            status, error = conn.recv()
+            try:
+                status, error = _recv(conn)
+            except EOFError:
+                status, error = "error", RuntimeError("the replica process exited while loading")
             if status == "error":
                 self.close()
                 raise RuntimeError(f"The replica on {device} failed to load: {error}") from error
@@ -108,9 +129,12 @@ class ReplicaPool:
         for start in range(0, len(requests), len(self)):
             batch = list(enumerate(requests))[start : start + len(self)]
             for (_, request), (_, conn) in zip(batch, self._workers):
-                conn.send(request)
+                _send(conn, request)
             for (i, _), (_, conn), device in zip(batch, self._workers, self.devices):
-                status, value = conn.recv()
+                try:
+                    status, value = _recv(conn)
+                except EOFError:
+                    status, value = "error", RuntimeError("the replica process died")
                 if status == "error":
                     raise RuntimeError(f"The replica on {device} failed: {value}") from value
                 results[i] = value
@@ -119,12 +143,14 @@ class ReplicaPool:
     def close(self) -> None:
         for process, conn in self._workers:
             try:
-                conn.send(None)
+                _send(conn, None)
             except (BrokenPipeError, OSError):
                 pass
-            process.join(timeout=10)
-            if process.is_alive():
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
                 process.kill()
+            conn.close()
         self._workers = []
 
     def __del__(self) -> None:
@@ -200,12 +226,17 @@ def split_call(call: dict[str, Any], extra: dict[str, Any], shapes, scheduler) -
 
 
 def combine_outputs(outputs: list[Any], return_dict: bool):
+    """Concatenates the replicas' outputs field by field (images as lists, arrays or tensors)."""
+    import dataclasses
+
     import numpy as np
 
     first = outputs[0]
+    # BaseOutput.keys() leaves out None fields (e.g. nsfw_content_detected): list the dataclass fields.
+    names = [f.name for f in dataclasses.fields(first)] if dataclasses.is_dataclass(first) else range(len(first))
     fields = {}
-    for name in first.keys() if hasattr(first, "keys") else range(len(first)):
-        values = [out[name] for out in outputs]
+    for name in names:
+        values = [getattr(out, name) if isinstance(name, str) else out[name] for out in outputs]
         if values[0] is None:
             fields[name] = None
         elif isinstance(values[0], list):
@@ -214,7 +245,12 @@ def combine_outputs(outputs: list[Any], return_dict: bool):
             fields[name] = np.concatenate(values)
         else:
             fields[name] = torch.cat(values)
-    if isinstance(first, tuple):
+    if not dataclasses.is_dataclass(first):
         return tuple(fields.values())
     combined = type(first)(**fields)
     return combined if return_dict else combined.to_tuple()
+
+
+if __name__ == "__main__":  # a replica process, started by ReplicaPool
+    folder, class_name, device = json.loads(sys.argv[2])
+    _worker(Connection(int(sys.argv[1])), folder, class_name, device)
