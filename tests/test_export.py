@@ -42,7 +42,7 @@ def test_manifest_records_what_a_reload_needs(sd_fp32):
     assert block["pipeline_class"] == "AOTStableDiffusionPipeline"
     assert block["shapes"] == {
         "batch_size": 1, "height": 64, "width": 64, "num_images_per_prompt": 1,
-        "classifier_free_guidance": True, "sequence_length": 77,
+        "classifier_free_guidance": True, "split_guidance_batch": False, "sequence_length": 77,
     }  # fmt: skip
     assert block["components"] == ["text_encoder", "unet", "vae_encoder", "vae_decoder"]
     unet = json.loads((sd_fp32 / "unet" / "config.json").read_text())

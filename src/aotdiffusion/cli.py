@@ -12,7 +12,8 @@ TASKS = ["auto", "stable-diffusion", "stable-diffusion-xl", "latent-consistency"
 
 def _flag(parser: argparse.ArgumentParser, name: str, **kwargs) -> None:
     """Adds ``--a-b`` with optimum-cli's ``--a_b`` spelling as an alias, so existing commands carry over."""
-    parser.add_argument(f"--{name}", f"--{name.replace('-', '_')}", **kwargs)
+    spellings = dict.fromkeys([f"--{name}", f"--{name.replace('-', '_')}"])
+    parser.add_argument(*spellings, **kwargs)
 
 
 def _parser() -> argparse.ArgumentParser:
