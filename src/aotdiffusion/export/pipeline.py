@@ -173,22 +173,30 @@ def export_pipeline(
             f"[{i}/{len(specs)}] {spec.name}: done in {timings['trace_s'] + timings['compile_s']:.1f}s, "
             f"{size / 2**20:.1f} MiB" + (f", max rel error {report.max_rel_error:.2e}" if report else ", not validated")
         )
-    _save_uncompiled_parts(pipe, output)
+    save_uncompiled_parts(pipe.components, output)
     _write_model_index(pipe, output, shapes, options, pipeline_class, [s.name for s in specs])
     log(summary_table(results))
     return results
 
 
-def _save_uncompiled_parts(pipe: DiffusionPipeline, output: Path) -> None:
-    for name, component in pipe.components.items():
+def save_uncompiled_parts(components: dict[str, Any], output: Path) -> dict[str, list[str]]:
+    """Saves the scheduler, tokenizers and other library-saved parts over any in ``output``.
+
+    Returns their model_index entries ``{name: [library, class]}``. Eager torch modules that are not
+    compiled (a safety checker, an image encoder) are left out.
+    """
+    entries = {}
+    for name, component in components.items():
         if name in COMPILED_ATTRIBUTES or component is None or not hasattr(component, "save_pretrained"):
             continue
-        if isinstance(component, torch.nn.Module):  # e.g. a safety checker or image encoder: not compiled here
+        if isinstance(component, torch.nn.Module):
             continue
         target = output / name
         if target.exists():
             shutil.rmtree(target)
         component.save_pretrained(target)
+        entries[name] = [type(component).__module__.split(".")[0], type(component).__name__]
+    return entries
 
 
 def _write_model_index(

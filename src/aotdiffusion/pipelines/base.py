@@ -18,7 +18,7 @@ from diffusers import DiffusionPipeline
 
 from .. import artifact
 from ..export.compile import CompilerOptions
-from ..export.pipeline import COMPILED_ATTRIBUTES, default_shapes, export_pipeline
+from ..export.pipeline import COMPILED_ATTRIBUTES, default_shapes, export_pipeline, save_uncompiled_parts
 from ..export.precision import Precision
 from ..runtime.compiled import CompiledComponent
 from ..runtime.components import AOTAutoencoderKL, AOTTextEncoder, AOTUNet
@@ -195,16 +195,7 @@ class AOTPipelineMixin:
         if target.resolve() != source.resolve():
             shutil.copytree(source, target, dirs_exist_ok=True)
         index = artifact.read_json(target / artifact.MODEL_INDEX_FILE)
-        compiled = set(index[artifact.MANIFEST_KEY]["components"])
-        for name, component in self.components.items():
-            if name in COMPILED_ATTRIBUTES or name in compiled or component is None:
-                continue
-            if not hasattr(component, "save_pretrained") or isinstance(component, torch.nn.Module):
-                continue
-            if (target / name).exists():
-                shutil.rmtree(target / name)
-            component.save_pretrained(target / name)
-            index[name] = [type(component).__module__.split(".")[0], type(component).__name__]
+        index.update(save_uncompiled_parts(self.components, target))
         artifact.write_json(target / artifact.MODEL_INDEX_FILE, index)
 
     def push_to_hub(
