@@ -68,10 +68,13 @@ def compile_component(spec: ComponentSpec, options: CompilerOptions, folder: Pat
     with low_precision_weights(spec.module, options.precision):
         program = trace(spec, options)
         traced = time.perf_counter()
+        # Inductor only freezes (folds constants, prepacks conv/linear weights for oneDNN) when
+        # grad mode is off; with grad on it silently skips all of it.
         try:
-            torch._inductor.aoti_compile_and_package(
-                program, package_path=str(package), inductor_configs=options.inductor_configs()
-            )
+            with torch.no_grad():
+                torch._inductor.aoti_compile_and_package(
+                    program, package_path=str(package), inductor_configs=options.inductor_configs()
+                )
         except Exception as error:
             raise ExportError(f"AOTInductor failed to compile {spec.name}: {error}") from error
         del program
