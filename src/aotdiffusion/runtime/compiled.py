@@ -14,6 +14,7 @@ from diffusers.configuration_utils import FrozenDict
 from safetensors.torch import load_file
 
 from .. import artifact
+from .memory import keep_freed_memory
 
 _DTYPES = {"float32": torch.float32, "int64": torch.int64, "int32": torch.int32}
 
@@ -30,6 +31,8 @@ class CompiledComponent:
         graph = self.manifest["graphs"][0]
         self.inputs: list[dict[str, Any]] = graph["inputs"]
         self.output_names: list[str] = graph["outputs"]
+        if self.device.type == "cpu":
+            keep_freed_memory()
         device_index = self.device.index if self.device.index is not None else -1
         self._runner = torch._inductor.aoti_load_package(str(self.folder / graph["file"]), device_index=device_index)
 
@@ -68,14 +71,16 @@ class CompiledComponent:
         record = self.manifest.get("extra_state", {}).get(name)
         if record is None:
             return None
-        module_name, _, class_name = record["class"].rpartition(".")
-        module = getattr(importlib.import_module(module_name), class_name)(**record["args"])
+        module = import_qualified(record["class"])(**record["args"])
         module.load_state_dict(load_file(self.folder / record["file"]))
         return module.eval().to(self.device)
 
     def output_class(self) -> type | None:
         qualified = self.manifest.get("output_class")
-        if not qualified:
-            return None
-        module_name, _, class_name = qualified.rpartition(".")
-        return getattr(importlib.import_module(module_name), class_name)
+        return import_qualified(qualified) if qualified else None
+
+
+def import_qualified(qualified: str) -> Any:
+    """``"package.module.Name"`` -> the object, for the class names a manifest records."""
+    module_name, _, name = qualified.rpartition(".")
+    return getattr(importlib.import_module(module_name), name)
