@@ -1,11 +1,14 @@
-"""``aotdiffusion`` command line: export, generate, tiny."""
+"""``aotdiffusion`` command line: export, generate, bench, tiny."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 from pathlib import Path
+
+from .bench.variants import DEFAULT_VARIANTS, VARIANTS
 
 TASKS = ["auto", "stable-diffusion", "stable-diffusion-xl", "latent-consistency"]
 
@@ -81,6 +84,24 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="the model's published full-size architecture (random weights) for benchmarks",
     )
+    bench = commands.add_parser(
+        "bench",
+        help="time diffusers eager, torch.compile, OpenVINO and aotdiffusion side by side in one run",
+    )
+    _flag(bench, "task", choices=["stable-diffusion", "stable-diffusion-xl"], default="stable-diffusion")
+    _flag(bench, "model", help="diffusers folder or hub id (default: the full-size architecture, random weights)")
+    _flag(bench, "quick", action="store_true", help="tiny model, 2 steps, 1 run: checks the benchmark itself")
+    _flag(bench, "height", type=int)
+    _flag(bench, "width", type=int)
+    _flag(bench, "steps", type=int, default=20)
+    _flag(bench, "guidance-scale", type=float, default=7.5)
+    _flag(bench, "runs", type=int, default=3, help="timed runs per component, after one warm-up")
+    _flag(bench, "e2e-runs", type=int, default=2, help="timed end-to-end images, after the cold first one")
+    _flag(bench, "variants", default=",".join(DEFAULT_VARIANTS), help=f"comma-separated: {', '.join(VARIANTS)}")
+    _flag(bench, "aot-dir", help="reuse this export (else exported into the output folder first)")
+    _flag(bench, "auto-cast", choices=["none", "matmul", "all"], help="for the export (default: matmul with AMX)")
+    _flag(bench, "compile-mode", help="torch.compile mode for the compile-* variants (e.g. max-autotune)")
+    bench.add_argument("output", type=Path, nargs="?", default=Path("bench-results"))
     return parser
 
 
@@ -189,10 +210,32 @@ def _tiny(args: argparse.Namespace) -> None:
     print(f"{'Full-size' if args.full_size else 'Tiny'} random-weight pipeline written to {path}")
 
 
+def _bench(args: argparse.Namespace) -> None:
+    from .bench.run import BenchConfig, run
+
+    quick = {"full_size": False, "steps": 2, "runs": 1, "e2e_runs": 1} if args.quick else {}
+    config = BenchConfig(
+        task=args.task,
+        model=args.model,
+        height=args.height,
+        width=args.width,
+        steps=args.steps,
+        guidance_scale=args.guidance_scale,
+        runs=args.runs,
+        e2e_runs=args.e2e_runs,
+        variants=tuple(v.strip() for v in args.variants.split(",") if v.strip()),
+        aot_dir=args.aot_dir,
+        auto_cast=args.auto_cast,
+        compile_mode=args.compile_mode,
+        output_dir=str(args.output),
+    )
+    run(dataclasses.replace(config, **quick))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        {"export": _export, "generate": _generate, "tiny": _tiny}[args.command](args)
+        {"export": _export, "generate": _generate, "tiny": _tiny, "bench": _bench}[args.command](args)
     except (ValueError, FileExistsError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

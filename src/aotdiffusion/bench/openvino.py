@@ -1,0 +1,87 @@
+"""OpenVINO as the peer baseline: the same graphs as our export, converted and compiled by OpenVINO.
+
+optimum-intel runs Stable Diffusion by converting each component with ``openvino.convert_model``,
+reshaping it to static shapes and compiling it for the CPU with the default precision hint (bf16 where
+the CPU has bf16 instructions). This does the same over our component graphs, so both sides compute
+exactly the same functions, and presents the result through the runtime's diffusers shims.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from diffusers.configuration_utils import FrozenDict
+
+from ..export.components import ComponentSpec
+from ..runtime.compiled import import_qualified
+
+
+class OpenVINOComponent:
+    """An OpenVINO compiled model with the interface of :class:`~aotdiffusion.runtime.compiled.CompiledComponent`."""
+
+    device = torch.device("cpu")
+
+    def __init__(self, spec: ComponentSpec, *, precision_hint: str | None = None):
+        import openvino as ov
+
+        self.name = self.folder = f"openvino:{spec.name}"
+        self.config = FrozenDict(spec.config)
+        self.static = spec.static
+        self.output_names = spec.output_names
+        self._output_class = spec.output_class
+        self._extra_state = spec.extra_state
+        example = spec.example_inputs()
+        self.inputs = [{"name": k, "shape": list(v.shape)} for k, v in example.items()]
+        with torch.no_grad():
+            # Static shapes from the start (optimum-intel reshapes to them): no dynamic dimension left.
+            model = ov.convert_model(
+                spec.module, example_input=tuple(example.values()), input=[tuple(v.shape) for v in example.values()]
+            )
+        config = {} if precision_hint is None else {"INFERENCE_PRECISION_HINT": precision_hint}
+        self._compiled = ov.Core().compile_model(model, "CPU", config)
+        hint = self._compiled.get_property("INFERENCE_PRECISION_HINT")
+        self.precision = hint.to_string() if hasattr(hint, "to_string") else str(hint)
+        self.manifest = {"precision": {"openvino_inference_precision": self.precision}}
+        self._request = self._compiled.create_infer_request()
+
+    def input_shape(self, name: str) -> tuple[int, ...]:
+        return next(tuple(spec["shape"]) for spec in self.inputs if spec["name"] == name)
+
+    def __call__(self, **tensors: torch.Tensor) -> dict[str, torch.Tensor]:
+        arrays = []
+        for spec in self.inputs:
+            tensor = tensors[spec["name"]]
+            if list(tensor.shape) != spec["shape"]:
+                raise ValueError(
+                    f"{self.name} takes `{spec['name']}` of shape {spec['shape']}, got {list(tensor.shape)}."
+                )
+            arrays.append(np.ascontiguousarray(tensor.detach().cpu().numpy()))
+        results = self._request.infer(arrays)
+        outputs = [torch.from_numpy(np.array(results[out])) for out in self._compiled.outputs]
+        return dict(zip(self.output_names, outputs))
+
+    def load_extra_state(self, name: str) -> torch.nn.Module | None:
+        return self._extra_state.get(name)
+
+    def output_class(self) -> type | None:
+        return import_qualified(self._output_class) if self._output_class else None
+
+
+def openvino_parts(pipe: Any, shapes: Any, *, precision_hint: str | None = None) -> dict[str, Any]:
+    """The text encoders, UNet and VAE of ``pipe`` compiled by OpenVINO, as diffusers-facing parts."""
+    from ..export.pipeline import component_specs
+    from ..export.precision import Precision
+    from ..runtime.components import AOTAutoencoderKL, AOTTextEncoder, AOTUNet
+
+    parts: dict[str, Any] = {}
+    for spec in component_specs(pipe, shapes, Precision("none"), vae_encoder=False):
+        component = OpenVINOComponent(spec, precision_hint=precision_hint)
+        if spec.role == "text_encoder":
+            parts[spec.name] = AOTTextEncoder(component)
+        elif spec.role == "unet":
+            parts["unet"] = AOTUNet(component)
+        else:
+            parts["vae"] = AOTAutoencoderKL(component)
+    return parts

@@ -1,0 +1,355 @@
+"""``aotdiffusion bench``: every variant measured one after another on the same machine, in one run.
+
+Timings are only compared as ratios within one run: the variants run sequentially (never two at once
+on the same cores), each in a fresh process, and the report prints each next to the others.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .variants import DEFAULT_VARIANTS, VARIANTS
+
+
+@dataclass
+class BenchConfig:
+    task: str = "stable-diffusion"
+    model: str | None = None  # a diffusers folder or hub id; None builds the random-weight one
+    full_size: bool = True
+    height: int | None = None
+    width: int | None = None
+    steps: int = 20
+    guidance_scale: float = 7.5
+    runs: int = 3
+    e2e_runs: int = 2
+    seed: int = 0
+    variants: tuple[str, ...] = DEFAULT_VARIANTS
+    aot_dir: str | None = None  # an existing export to reuse; exported into the output folder otherwise
+    auto_cast: str | None = None  # None: bf16 matmuls where the CPU has AMX, fp32 elsewhere
+    compile_mode: str | None = None
+    output_dir: str = "bench-results"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _report(results, config: BenchConfig, model, shapes, aot_dir, export_s, out: Path, unet_flops, peaks) -> dict:
+    reference = results.get("eager-fp32")
+    for variant, r in results.items():
+        r["unet_tflops"] = unet_flops / r["unet_step"]["median"] / 1e12
+        # What starting costs on top of generating: imports, loading, compiling, first-call warm-up.
+        if r["end_to_end"]["runs"]:
+            r["startup_overhead_s"] = r["cold_start_s"] - r["end_to_end"]["median"]
+        if reference is not None:
+            r["psnr_vs_eager_fp32_db"] = _psnr(np.load(out / f"{variant}.npy"), np.load(out / "eager-fp32.npy"))
+    report = {
+        "hardware": _hardware(),
+        "versions": _versions(),
+        "shapes": {**shapes, "steps": config.steps, "guidance_scale": config.guidance_scale},
+        "model": model,
+        "aot_dir": aot_dir,
+        "aot_export_s": export_s,
+        "unet_step_tflop": unet_flops / 1e12,
+        "gemm_peak_tflops": peaks,
+        "command": " ".join(["aotdiffusion", *sys.argv[1:]]) if sys.argv[1:2] == ["bench"] else None,
+        "results": results,
+    }
+    (out / "results.json").write_text(json.dumps(report, indent=2))
+    _write_csv(report, out / "results.csv")
+    (out / "results.md").write_text(render_markdown(report))
+    return report
+
+
+def run(config: BenchConfig) -> dict[str, Any]:
+    out = Path(config.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    unknown = [v for v in config.variants if v not in VARIANTS]
+    if unknown or not config.variants:
+        raise ValueError(f"Unknown variants {unknown or '(none given)'}; choose from {', '.join(VARIANTS)}.")
+    model = config.model or _random_model(config, out)
+    shapes = _shapes(model, config)
+    aot_dir, export_s = _aot_artifact(model, config, shapes, out) if "aotdiffusion" in config.variants else (None, None)
+
+    unet_flops = _unet_flops(model, shapes)
+    peaks = _gemm_peaks(quick=not config.full_size)
+    results: dict[str, Any] = {}
+    for variant in config.variants:
+        print(f"[bench] {variant}: {VARIANTS[variant]}", flush=True)
+        results[variant] = _measure_in_fresh_process(variant, model, aot_dir, shapes, config, out)
+        r = results[variant]
+        print(
+            f"[bench] {variant}: UNet step {r['unet_step']['median']:.3f}s, "
+            f"VAE decode {r['vae_decode']['median']:.3f}s, "
+            f"end-to-end {r['end_to_end']['median'] if r['end_to_end']['runs'] else float('nan'):.2f}s, "
+            f"cold start {r['cold_start_s']:.1f}s, peak RSS {r['peak_rss_gib']:.2f} GiB",
+            flush=True,
+        )
+        # Rewritten after each variant, so a long run that is stopped still leaves its results.
+        report = _report(results, config, model, shapes, aot_dir, export_s, out, unet_flops, peaks)
+    print(render_markdown(report))
+    return report
+
+
+# ------------------------------------------------------------------------------ preparation
+def _random_model(config: BenchConfig, out: Path) -> str:
+    from ..random_models import save_tiny
+
+    kind = {"stable-diffusion": "sd", "stable-diffusion-xl": "sdxl"}[config.task]
+    folder = out / f"model-{kind}{'-full' if config.full_size else '-tiny'}"
+    if not (folder / "model_index.json").exists():
+        print(f"[bench] writing the {'full-size' if config.full_size else 'tiny'} {kind} architecture, random weights")
+        save_tiny(kind, folder, full_size=config.full_size)
+    return str(folder)
+
+
+def _shapes(model: str, config: BenchConfig) -> dict[str, int]:
+    """The model's own default resolution unless --height/--width say otherwise (diffusers' rule)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    unet = UNet2DConditionModel.load_config(model, subfolder="unet")
+    vae_factor = 2 ** (len(AutoencoderKL.load_config(model, subfolder="vae")["block_out_channels"]) - 1)
+    sample = unet["sample_size"] if isinstance(unet["sample_size"], int) else unet["sample_size"][0]
+    return {"height": config.height or sample * vae_factor, "width": config.width or sample * vae_factor}
+
+
+def default_auto_cast() -> str:
+    """bf16 matmuls pay off only with AMX: with AVX-512 alone oneDNN runs bf16 at about half fp32's speed."""
+    return "matmul" if torch.cpu._is_amx_tile_supported() else "none"
+
+
+def _aot_artifact(model: str, config: BenchConfig, shapes: dict, out: Path) -> tuple[str, float | None]:
+    if config.aot_dir and (Path(config.aot_dir) / "model_index.json").exists():
+        print(f"[bench] reusing the export in {config.aot_dir}")
+        return config.aot_dir, None
+    folder = Path(config.aot_dir or out / "aot")
+    auto_cast = config.auto_cast or default_auto_cast()
+    print(f"[bench] exporting with --auto-cast {auto_cast} into {folder} (not part of any timing)", flush=True)
+    command = [
+        sys.executable, "-m", "aotdiffusion.cli", "export", "--model", model, "--task", config.task,
+        "--height", str(shapes["height"]), "--width", str(shapes["width"]), "--auto-cast", auto_cast, str(folder),
+    ]  # fmt: skip
+    start = time.perf_counter()
+    subprocess.run(command, check=True)
+    return str(folder), time.perf_counter() - start
+
+
+def _measure_in_fresh_process(variant, model, aot_dir, shapes, config: BenchConfig, out: Path) -> dict[str, Any]:
+    result_file = out / f"{variant}.json"
+    child = {
+        "variant": variant,
+        "model": model,
+        "aot_dir": aot_dir,
+        "height": shapes["height"],
+        "width": shapes["width"],
+        "steps": config.steps,
+        "guidance_scale": config.guidance_scale,
+        "runs": config.runs,
+        "e2e_runs": config.e2e_runs,
+        "seed": config.seed,
+        "compile_mode": config.compile_mode,
+        "output": str(result_file),
+        "spawned_at": time.time(),
+    }
+    subprocess.run([sys.executable, "-m", "aotdiffusion.bench.measure", json.dumps(child)], check=True)
+    return json.loads(result_file.read_text())
+
+
+# ---------------------------------------------------------------------------- measurements
+def _psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = float(((a.astype(np.float64) - b.astype(np.float64)) ** 2).mean())
+    return float("inf") if mse == 0 else float(10 * np.log10(1.0 / mse))
+
+
+def _unet_flops(model: str, shapes: dict) -> float:
+    """FLOPs of one UNet call at the guidance batch, counted on the meta device (no weights, no compute)."""
+    from diffusers import UNet2DConditionModel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    config = UNet2DConditionModel.load_config(model, subfolder="unet")
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(config)
+        h, w = shapes["height"] // 8, shapes["width"] // 8  # the SD-family VAE factor
+        added = None
+        if unet.config.addition_embed_type == "text_time":
+            text_dim = unet.config.projection_class_embeddings_input_dim - 6 * unet.config.addition_time_embed_dim
+            added = {"text_embeds": torch.empty(2, text_dim), "time_ids": torch.empty(2, 6)}
+        args = (torch.empty(2, unet.config.in_channels, h, w), torch.empty(2))
+        hidden = torch.empty(2, 77, unet.config.cross_attention_dim)
+        counter = FlopCounterMode(display=False)
+        with counter, torch.no_grad():
+            unet(*args, encoder_hidden_states=hidden, added_cond_kwargs=added)
+    return float(counter.get_total_flops())
+
+
+def _gemm_peaks(quick: bool) -> dict[str, float]:
+    """Measured GEMM throughput (TFLOP/s) in fp32 and bf16: the roofline the UNet is compared with."""
+    n = 1024 if quick else 4096
+    peaks = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+        a @ b
+        best = float("inf")
+        for _ in range(3):
+            start = time.perf_counter()
+            a @ b
+            best = min(best, time.perf_counter() - start)
+        peaks[str(dtype).removeprefix("torch.")] = 2 * n**3 / best / 1e12
+    return peaks
+
+
+def _hardware() -> dict[str, Any]:
+    model = next(
+        (line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+         if line.startswith("model name")),
+        platform.processor(),
+    ) if Path("/proc/cpuinfo").exists() else platform.processor()  # fmt: skip
+    return {
+        "cpu": model,
+        "cores": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "amx": bool(torch.cpu._is_amx_tile_supported()),
+        "isa": torch.backends.cpu.get_cpu_capability(),
+    }
+
+
+def _versions() -> dict[str, str]:
+    import diffusers
+    import transformers
+
+    versions = {
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "transformers": transformers.__version__,
+    }
+    try:
+        import openvino
+
+        versions["openvino"] = openvino.__version__.split("-")[0]
+    except ImportError:
+        pass
+    return versions
+
+
+# --------------------------------------------------------------------------------- reporting
+_COLUMNS = ("text_encoder", "unet_step", "vae_decode", "end_to_end")
+
+
+def _cell(entry: dict | None) -> str:
+    if not entry or not entry.get("runs"):
+        return "-"
+    return f"{entry['median']:.3f} ({entry['min']:.3f}-{entry['max']:.3f})"
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    hw, shapes = report["hardware"], report["shapes"]
+    lines = [
+        f"Hardware: {hw['cpu']}, {hw['cores']} cores, {hw['threads']} threads, ISA {hw['isa']}, AMX {hw['amx']}. "
+        f"Versions: {', '.join(f'{k} {v}' for k, v in report['versions'].items())}.",
+        f"Shapes: {shapes['height']}x{shapes['width']}, batch 1, guidance batch 2, {shapes['steps']} steps, "
+        f"guidance {shapes['guidance_scale']}. UNet step = {report['unet_step_tflop']:.3f} TFLOP; measured GEMM peak "
+        + ", ".join(f"{k} {v:.3f}" for k, v in report["gemm_peak_tflops"].items())
+        + " TFLOP/s. Seconds: median (min-max). Cold start: new process to first image (same call); startup "
+        "overhead: cold start minus the warm end-to-end median.",
+        "",
+        "| variant | precision | text encoder s | UNet step s | VAE decode s | end-to-end s | cold start s | "
+        "startup overhead s | peak RSS GiB | UNet TFLOP/s | PSNR vs eager fp32 dB |",
+        "|---" * 11 + "|",
+    ]
+    for variant, r in report["results"].items():
+        psnr = r.get("psnr_vs_eager_fp32_db")
+        psnr_text = "-" if psnr is None else ("ref" if variant == "eager-fp32" else f"{psnr:.1f}")
+        lines.append(
+            f"| {variant} | {r['precision']} | "
+            + " | ".join(_cell(r.get(c)) for c in _COLUMNS)
+            + f" | {r['cold_start_s']:.1f} | {r.get('startup_overhead_s', float('nan')):.1f} | {r['peak_rss_gib']:.2f}"
+            + f" | {r['unet_tflops']:.3f} | {psnr_text} |"
+        )
+    ours = report["results"].get("aotdiffusion")
+    if ours:
+        lines += ["", "aotdiffusion's speed-up over each variant (their time / ours; above 1 is faster):", ""]
+        header = "| vs | text encoder | UNet step | VAE decode | end-to-end | cold start | startup overhead |"
+        lines += [header, "|---" * 7 + "|"]
+        for variant, r in report["results"].items():
+            if variant == "aotdiffusion":
+                continue
+            cells = [_ratio(r.get(c), ours.get(c)) for c in _COLUMNS]
+            cells.append(f"{r['cold_start_s'] / ours['cold_start_s']:.2f}x")
+            overheads = r.get("startup_overhead_s"), ours.get("startup_overhead_s")
+            cells.append("-" if None in overheads else f"{overheads[0] / overheads[1]:.2f}x")
+            lines.append(f"| {variant} | " + " | ".join(cells) + " |")
+    verdicts = _targets(report["results"])
+    if verdicts:
+        lines += ["", "Targets (issue #4), as ratios in this run:", ""]
+        lines += [f"- {'met' if ok else 'NOT met'}: {text}" for text, ok in verdicts]
+    if report.get("aot_export_s"):
+        lines += ["", f"aotdiffusion export (once, not in any timing above): {report['aot_export_s']:.0f} s."]
+    return "\n".join(lines) + "\n"
+
+
+# (what, baseline variant, metric, the least speed-up that meets it)
+TARGETS = (
+    ("UNet step at least 1.3x faster than OpenVINO", "openvino", "unet_step", 1.3),
+    ("UNet step at least 1.1x faster than torch.compile", "compile-bf16", "unet_step", 1.1),
+    ("VAE decode at least 1.3x faster than OpenVINO", "openvino", "vae_decode", 1.3),
+    ("end-to-end at least 6x faster than diffusers eager fp32", "eager-fp32", "end_to_end", 6.0),
+    ("end-to-end faster than OpenVINO", "openvino", "end_to_end", 1.0),
+    (
+        "startup overhead (cold start minus a warm image) at most a fifth of torch.compile's",
+        "compile-bf16",
+        "startup_overhead_s",
+        5.0,
+    ),
+)
+
+
+def _targets(results: dict[str, Any]) -> list[tuple[str, bool]]:
+    ours = results.get("aotdiffusion")
+    verdicts = []
+    for text, baseline, metric, least in TARGETS:
+        theirs = results.get(baseline)
+        if ours is None or theirs is None:
+            continue
+        if metric == "startup_overhead_s":
+            if metric not in theirs or metric not in ours:
+                continue
+            speedup = theirs[metric] / ours[metric]
+        elif theirs[metric]["runs"] and ours[metric]["runs"]:
+            speedup = theirs[metric]["median"] / ours[metric]["median"]
+        else:
+            continue
+        verdicts.append((f"{text} ({speedup:.2f}x)", speedup > least if least == 1.0 else speedup >= least))
+    return verdicts
+
+
+def _ratio(theirs: dict | None, ours: dict | None) -> str:
+    if not theirs or not ours or not theirs.get("runs") or not ours.get("runs"):
+        return "-"
+    return f"{theirs['median'] / ours['median']:.2f}x"
+
+
+_SCALARS = ("ready_s", "cold_start_s", "startup_overhead_s", "peak_rss_gib", "unet_tflops", "psnr_vs_eager_fp32_db")
+
+
+def _write_csv(report: dict[str, Any], path: Path) -> None:
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["variant", "precision", "metric", "median_s", "min_s", "max_s", "runs"])
+        for variant, r in report["results"].items():
+            for metric in _COLUMNS:
+                entry = r.get(metric)
+                if entry and entry.get("runs"):
+                    writer.writerow([variant, r["precision"], metric, entry["median"], entry["min"], entry["max"],
+                                     entry["runs"]])  # fmt: skip
+            for metric in _SCALARS:
+                if r.get(metric) is not None:
+                    writer.writerow([variant, r["precision"], metric, r[metric], "", "", ""])

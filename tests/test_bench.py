@@ -1,0 +1,47 @@
+"""``aotdiffusion bench --quick``: every variant runs on the tiny model, so the benchmark cannot rot."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+from conftest import cli
+
+from aotdiffusion.bench.variants import VARIANTS
+
+
+def test_bench_quick_runs_every_variant_side_by_side(tiny_sd, sd_fp32, tmp_path):
+    out = tmp_path / "bench"
+    variants = ",".join(VARIANTS)
+    args = ["--quick", "--model", str(tiny_sd), "--aot-dir", str(sd_fp32), "--variants", variants, str(out)]
+    result = cli("bench", *args)
+    report = json.loads((out / "results.json").read_text())
+    results = report["results"]
+    assert list(results) == list(VARIANTS)
+    for variant, r in results.items():
+        for metric in ("text_encoder", "unet_step", "vae_decode", "end_to_end"):
+            assert r[metric]["runs"] >= 1 and 0 < r[metric]["min"] <= r[metric]["median"] <= r[metric]["max"], variant
+        assert r["ready_s"] < r["cold_start_s"] and r["peak_rss_gib"] > 0.1
+        assert r["deterministic"], f"{variant}: the same call gave a different image"
+
+    # Quality next to speed: fp32 variants compute eager's function (tiny model: rounding differences only);
+    # bf16 ones are measurably further away but still the same image.
+    psnr = {v: r["psnr_vs_eager_fp32_db"] for v, r in results.items()}
+    assert psnr["eager-fp32"] == float("inf")
+    for variant in ("aotdiffusion", "compile-fp32", "openvino-fp32"):
+        assert psnr[variant] > 70, (variant, psnr)
+    for variant in ("eager-bf16", "compile-bf16"):
+        assert 25 < psnr[variant] < psnr["aotdiffusion"], (variant, psnr)
+    assert results["eager-bf16"]["precision"] == "bfloat16" and results["aotdiffusion"]["precision"] == "float32"
+
+    # Loading an export compiles nothing; torch.compile compiles in every new process.
+    assert results["aotdiffusion"]["cold_start_s"] < results["compile-bf16"]["cold_start_s"]
+    assert report["unet_step_tflop"] > 0 and set(report["gemm_peak_tflops"]) == {"float32", "bfloat16"}
+
+    markdown = (out / "results.md").read_text()
+    assert markdown in result.stdout
+    assert "| aotdiffusion | float32 |" in markdown and "| vs | text encoder | UNet step" in markdown
+    assert "UNet step at least 1.3x faster than OpenVINO" in markdown
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    assert {row["variant"] for row in rows} == set(VARIANTS)
+    assert any(row["metric"] == "unet_step" and float(row["median_s"]) > 0 for row in rows)
