@@ -13,7 +13,7 @@ import platform
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +40,6 @@ class BenchConfig:
     auto_cast: str | None = None  # None: bf16 matmuls where the CPU has AMX, fp32 elsewhere
     compile_mode: str | None = None
     output_dir: str = "bench-results"
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def _report(results, config: BenchConfig, model, shapes, aot_dir, export_s, out: Path, unet_flops, peaks) -> dict:
