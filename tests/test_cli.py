@@ -29,9 +29,9 @@ def test_export_prints_progress_and_summary(sd_bf16_cli):
         assert f"[{i}/4] {name}: done in" in stdout
     assert "component     trace s  compile s  size MiB  max abs err  max rel err" in stdout
     assert "peak memory:" in stdout
-    from aotdiffusion.export.pipeline import _has_amx
+    from aotdiffusion.artifact import has_amx
 
-    assert ("note: this CPU has no AMX" in stdout) == (not _has_amx())
+    assert ("note: this CPU has no AMX" in stdout) == (not has_amx())
     manifest = json.loads((folder / "unet" / "config.json").read_text())["aotdiffusion"]
     assert manifest["precision"] == {"auto_cast": "matmul", "auto_cast_type": "bf16"}
 

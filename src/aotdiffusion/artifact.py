@@ -92,6 +92,12 @@ def cpu_flags() -> set[str] | None:
     return None
 
 
+def has_amx() -> bool:
+    """Whether bf16 matrix multiplications have AMX tiles (assumed where the flags cannot be read)."""
+    flags = cpu_flags()
+    return flags is None or {"amx_tile", "amx_bf16"} <= flags
+
+
 def sha256_file(path: Path, chunk: int = 1 << 24) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .. import artifact
 from .variants import DEFAULT_VARIANTS, VARIANTS
 
 
@@ -123,7 +124,7 @@ def _shapes(model: str, config: BenchConfig) -> dict[str, int]:
 
 def default_auto_cast() -> str:
     """bf16 matmuls pay off only with AMX: with AVX-512 alone oneDNN runs bf16 at about half fp32's speed."""
-    return "matmul" if torch.cpu._is_amx_tile_supported() else "none"
+    return "matmul" if artifact.has_amx() else "none"
 
 
 def _aot_artifact(model: str, config: BenchConfig, shapes: dict, out: Path) -> tuple[str, float | None]:
@@ -216,7 +217,7 @@ def _hardware() -> dict[str, Any]:
         "cpu": model,
         "cores": os.cpu_count(),
         "threads": torch.get_num_threads(),
-        "amx": bool(torch.cpu._is_amx_tile_supported()),
+        "amx": artifact.has_amx(),
         "isa": torch.backends.cpu.get_cpu_capability(),
     }
 

@@ -147,7 +147,7 @@ def export_pipeline(
         f"guidance batch {'on' if shapes.classifier_free_guidance else 'off'}, {options.precision.describe()} "
         f"on {options.device}"
     )
-    if options.device == "cpu" and options.precision.low_dtype == torch.bfloat16 and not _has_amx():
+    if options.device == "cpu" and options.precision.low_dtype == torch.bfloat16 and not artifact.has_amx():
         log(
             "note: this CPU has no AMX (amx_tile/amx_bf16 absent from /proc/cpuinfo); bf16 matrix multiplications "
             "run without hardware acceleration and can be slower than fp32 here. --auto-cast none compiles fp32."
@@ -227,11 +227,6 @@ def _write_model_index(
         "versions": artifact.environment_versions(),
     }
     artifact.write_json(output / artifact.MODEL_INDEX_FILE, index)
-
-
-def _has_amx() -> bool:
-    flags = artifact.cpu_flags()
-    return flags is None or {"amx_tile", "amx_bf16"} <= flags
 
 
 def peak_rss_bytes() -> int:
