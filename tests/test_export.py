@@ -123,3 +123,56 @@ def test_other_format_version_is_refused(copy_of, load):
 def test_plain_diffusers_folder_says_how_to_export(tiny_sd, load):
     with pytest.raises(artifact.ArtifactError, match=r"has not been compiled.*aotdiffusion export --model"):
         load(tiny_sd)
+
+
+def _no_side_effect_payloads(marker):
+    """Manifest edits that would run a command (creating `marker`) if the loader imported what they name."""
+    command = ["touch", str(marker)]
+    return [
+        ("text_encoder", {"output_class": "os.system"}),
+        ("text_encoder", {"extra_state": {"final_layer_norm": {
+            "file": "final_layer_norm.safetensors", "class": "subprocess.Popen", "args": {"args": command}}}}),
+        ("text_encoder", {"extra_state": {"final_layer_norm": {
+            "file": "final_layer_norm.safetensors", "class": "torch.nn.modules.normalization.LayerNorm",
+            "args": {"normalized_shape": [32], "device": "meta", "bias": False, "dtype": "os.system"}}}}),
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize("case", range(3))
+def test_a_crafted_manifest_cannot_run_code(copy_of, load, tmp_path, case):
+    marker = tmp_path / "pwned"
+    component, changes = _no_side_effect_payloads(marker)[case]
+    _edit_manifest(copy_of, component, **changes)
+    with pytest.raises(artifact.ArtifactError, match="refusing|only .* are accepted"):
+        load(copy_of)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize(
+    "entry",
+    [["os", "system"], ["subprocess", "Popen"], ["builtins", "eval"], ["diffusers", "StableDiffusionPipeline"],
+     ["transformers", "pipeline"], ["diffusers", "../../x"]],
+)  # fmt: skip
+def test_model_index_names_only_schedulers_and_tokenizers(copy_of, load, entry, monkeypatch):
+    import importlib
+
+    imported = []
+    real_import = importlib.import_module
+    monkeypatch.setattr(importlib, "import_module", lambda name, *a: imported.append(name) or real_import(name, *a))
+    index = json.loads((copy_of / "model_index.json").read_text())
+    index["scheduler"] = entry
+    (copy_of / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(artifact.ArtifactError, match="(?i)refusing"):
+        load(copy_of)
+    # Only the two libraries' own namespaces are looked into; a module the entry names is never imported.
+    assert entry[0] in ("diffusers", "transformers") or entry[0] not in imported, imported
+
+
+def test_unknown_pipeline_class_is_an_artifact_error(copy_of):
+    from aotdiffusion import AOTDiffusionPipeline
+
+    index = json.loads((copy_of / "model_index.json").read_text())
+    index["aotdiffusion"]["pipeline_class"] = "os.system"
+    (copy_of / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(artifact.ArtifactError, match="names the pipeline class 'os.system'"):
+        AOTDiffusionPipeline.from_pretrained(copy_of)

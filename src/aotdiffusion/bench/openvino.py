@@ -15,7 +15,7 @@ import torch
 from diffusers.configuration_utils import FrozenDict
 
 from ..export.components import ComponentSpec
-from ..runtime.compiled import import_qualified
+from ..runtime import trusted
 
 
 class OpenVINOComponent:
@@ -66,7 +66,7 @@ class OpenVINOComponent:
         return self._extra_state.get(name)
 
     def output_class(self) -> type | None:
-        return import_qualified(self._output_class) if self._output_class else None
+        return trusted.output_class(self._output_class, self.name) if self._output_class else None
 
 
 def openvino_parts(pipe: Any, shapes: Any, *, precision_hint: str | None = None) -> dict[str, Any]:

@@ -67,7 +67,13 @@ def pipeline_class_for(model: str | Path, *, exported: bool, **hub_kwargs: Any) 
         block = index.get(artifact.MANIFEST_KEY)
         if block is None:
             artifact.read_pipeline_index(Path(model))  # raises the "not compiled, export it" error
-        return PIPELINES[block["pipeline_class"]]
+        name = block.get("pipeline_class")
+        if name not in PIPELINES:
+            raise artifact.ArtifactError(
+                f"{model} names the pipeline class {name!r}, which aotdiffusion does not have; known: "
+                f"{', '.join(sorted(PIPELINES))}. Export the model again with this version."
+            )
+        return PIPELINES[name]
     name = index.get("_class_name")
     if name not in BY_DIFFUSERS_CLASS:
         supported = ", ".join(sorted(BY_DIFFUSERS_CLASS))

@@ -6,7 +6,6 @@ runs the denoising loop, and this mixin only checks the call against the compile
 
 from __future__ import annotations
 
-import importlib
 import inspect
 import shutil
 import tempfile
@@ -20,6 +19,7 @@ from .. import artifact
 from ..export.compile import CompilerOptions
 from ..export.pipeline import COMPILED_ATTRIBUTES, default_shapes, export_pipeline, save_uncompiled_parts
 from ..export.precision import Precision
+from ..runtime import trusted
 from ..runtime.compiled import CompiledComponent
 from ..runtime.components import AOTAutoencoderKL, AOTTextEncoder, AOTUNet
 from ..shapes import PipelineShapes
@@ -146,6 +146,16 @@ class AOTPipelineMixin:
     @classmethod
     def _from_exported(cls, folder: Path, *, device: str | None = None, verify_checksums: bool = False):
         index, block = artifact.read_pipeline_index(folder)
+        # Every class the index names is checked before anything (compiled code included) is loaded.
+        saved_parts = {
+            name: trusted.saved_part_class(*entry, where=f"{folder / artifact.MODEL_INDEX_FILE} ({name})")
+            for name, entry in index.items()
+            if not name.startswith("_")
+            and name not in block["components"]
+            and isinstance(entry, list)
+            and entry[:1] != [None]
+            and (folder / name).is_dir()
+        }
         compiled = {
             name: CompiledComponent(folder / name, device=device, verify_checksums=verify_checksums)
             for name in block["components"]
@@ -156,13 +166,8 @@ class AOTPipelineMixin:
                 components[name] = AOTTextEncoder(compiled[name])
         components["unet"] = AOTUNet(compiled["unet"])
         components["vae"] = AOTAutoencoderKL(compiled["vae_decoder"], compiled.get("vae_encoder"))
-        for name, entry in index.items():
-            if name.startswith("_") or name in components or not isinstance(entry, list):
-                continue
-            library, class_name = entry
-            if library is None or not (folder / name).is_dir():
-                continue
-            components[name] = getattr(importlib.import_module(library), class_name).from_pretrained(folder / name)
+        for name, part_class in saved_parts.items():
+            components[name] = part_class.from_pretrained(folder / name)
         kwargs: dict[str, Any] = {}
         params = inspect.signature(cls.__init__).parameters
         for name, param in params.items():

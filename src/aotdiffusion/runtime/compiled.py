@@ -5,7 +5,6 @@ Nothing here compiles: a ``.pt2`` package holds the generated shared library, wh
 
 from __future__ import annotations
 
-import importlib
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +13,7 @@ from diffusers.configuration_utils import FrozenDict
 from safetensors.torch import load_file
 
 from .. import artifact
+from . import trusted
 from .memory import keep_freed_memory
 
 _DTYPES = {"float32": torch.float32, "int64": torch.int64, "int32": torch.int32}
@@ -71,16 +71,11 @@ class CompiledComponent:
         record = self.manifest.get("extra_state", {}).get(name)
         if record is None:
             return None
-        module = import_qualified(record["class"])(**record["args"])
+        where = f"{self.folder / artifact.CONFIG_FILE} (extra_state.{name})"
+        module = trusted.extra_state_module(record["class"], record["args"], where)
         module.load_state_dict(load_file(self.folder / record["file"]))
         return module.eval().to(self.device)
 
     def output_class(self) -> type | None:
         qualified = self.manifest.get("output_class")
-        return import_qualified(qualified) if qualified else None
-
-
-def import_qualified(qualified: str) -> Any:
-    """``"package.module.Name"`` -> the object, for the class names a manifest records."""
-    module_name, _, name = qualified.rpartition(".")
-    return getattr(importlib.import_module(module_name), name)
+        return trusted.output_class(qualified, str(self.folder / artifact.CONFIG_FILE)) if qualified else None
