@@ -36,7 +36,9 @@ def test_bench_quick_runs_every_variant_side_by_side(tiny_sd, sd_fp32, tmp_path)
 
     # Loading an export compiles nothing; torch.compile compiles in every new process.
     assert results["aotdiffusion"]["cold_start_s"] < results["compile-bf16"]["cold_start_s"]
-    assert report["unet_step_tflop"] > 0 and set(report["gemm_peak_tflops"]) == {"float32", "bfloat16"}
+    assert report["unet_step_tflop"] > 0 and set(report["peak_tflops"]) == {
+        f"{kind} {dtype}" for kind in ("gemm", "conv3x3") for dtype in ("fp32", "bf16", "fp16")
+    }
 
     markdown = (out / "results.md").read_text()
     assert markdown in result.stdout

@@ -52,7 +52,7 @@ def test_manifest_records_what_a_reload_needs(sd_fp32):
     assert [i["name"] for i in manifest["graphs"][0]["inputs"]] == ["sample", "timestep", "encoder_hidden_states"]
     assert manifest["graphs"][0]["inputs"][1] == {"name": "timestep", "shape": [2], "dtype": "float32"}
     assert manifest["weights"] == {"storage": "embedded"}
-    assert manifest["precision"] == {"auto_cast": "none", "auto_cast_type": "bf16"}
+    assert manifest["precision"] == {"auto_cast": "none", "auto_cast_type": "auto"}
     assert manifest["cpu_isa"] == artifact.cpu_isa()
     assert set(manifest["cpu_flags"]) == set(artifact.required_cpu_flags(artifact.cpu_isa())) <= artifact.cpu_flags()
     assert set(manifest["versions"]) >= {"torch", "diffusers", "transformers", "aotdiffusion"}

@@ -40,7 +40,14 @@ def _parser() -> argparse.ArgumentParser:
         choices=["none", "matmul", "all"],
         help="which operations run in --auto-cast-type: none, matmul (matmul/conv/attention; default) or all",
     )
-    _flag(export, "auto-cast-type", default="bf16", choices=["bf16", "fp16", "fp32"], help="default bf16")
+    _flag(
+        export,
+        "auto-cast-type",
+        default="auto",
+        choices=["auto", "bf16", "fp16", "fp32"],
+        help="auto (default): time fp32/bf16/fp16 on this machine and compile each component in the fastest "
+        "type that passes validation",
+    )
     _flag(
         export,
         "classifier-free-guidance",
@@ -99,7 +106,13 @@ def _parser() -> argparse.ArgumentParser:
     _flag(bench, "e2e-runs", type=int, default=2, help="timed end-to-end images, after the cold first one")
     _flag(bench, "variants", default=",".join(DEFAULT_VARIANTS), help=f"comma-separated: {', '.join(VARIANTS)}")
     _flag(bench, "aot-dir", help="reuse this export (else exported into the output folder first)")
-    _flag(bench, "auto-cast", choices=["none", "matmul", "all"], help="for the export (default: matmul with AMX)")
+    _flag(
+        bench,
+        "auto-cast",
+        default="matmul",
+        choices=["none", "matmul", "all"],
+        help="for the export (default: matmul, type chosen by measurement)",
+    )
     _flag(bench, "compile-mode", help="torch.compile mode for the compile-* variants (e.g. max-autotune)")
     bench.add_argument("output", type=Path, nargs="?", default=Path("bench-results"))
     return parser

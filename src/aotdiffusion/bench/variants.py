@@ -96,7 +96,8 @@ def _openvino(pipe: Any, options: BuildOptions, hint: str | None) -> tuple[Any, 
 
 
 def _aot_precision(pipe: Any) -> str:
-    precision = pipe.unet.compiled.manifest["precision"]
-    if precision.get("auto_cast") in (None, "none"):
-        return "float32"
-    return f"{precision['auto_cast_type']} ({precision['auto_cast']})"
+    manifest = pipe.unet.compiled.manifest
+    precision, measured = manifest["precision"], " (measured)" if "precision_choice" in manifest else ""
+    if precision.get("auto_cast") in (None, "none") or precision["auto_cast_type"] == "fp32":
+        return "float32" + measured
+    return f"{precision['auto_cast_type']} ({precision['auto_cast']}){measured}"

@@ -8,7 +8,7 @@ import threading
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -19,10 +19,11 @@ from diffusers import DiffusionPipeline
 from .. import artifact
 from ..runtime.compiled import CompiledComponent
 from ..shapes import PipelineShapes
+from .choose_precision import choose
 from .compile import CompilerOptions, compile_component, write_manifest
 from .components import ComponentSpec, text_encoder_spec, unet_spec, vae_decoder_spec, vae_encoder_spec
 from .precision import Precision
-from .validate import ValidationReport, validate_component
+from .validate import ValidationError, ValidationReport, validate_component
 
 # Pipeline attributes that are compiled; everything else (scheduler, tokenizers, feature extractor)
 # is saved by its own library and loaded back by it.
@@ -81,7 +82,8 @@ def component_specs(
             "time_ids_dim": (in_features - text_embeds_dim) // unet.config.addition_time_embed_dim,
         }
     specs.append(unet_spec(unet, shapes, pipe.vae_scale_factor, **added))
-    if getattr(pipe, "text_encoder_2", None) is not None and precision.low_dtype == torch.float16:
+    fp16 = precision.auto_cast != "none" and precision.auto_cast_type == "fp16"
+    if getattr(pipe, "text_encoder_2", None) is not None and fp16:
         if pipe.vae.config.force_upcast:
             raise ValueError(
                 "The SDXL VAE overflows in fp16 (its config sets `force_upcast`), which gives NaNs and black images, "
@@ -147,22 +149,25 @@ def export_pipeline(
         f"guidance batch {'on' if shapes.classifier_free_guidance else 'off'}, {options.precision.describe()} "
         f"on {options.device}"
     )
-    if options.device == "cpu" and options.precision.low_dtype == torch.bfloat16 and not artifact.has_amx():
-        log(
-            "note: this CPU has no AMX (amx_tile/amx_bf16 absent from /proc/cpuinfo); bf16 matrix multiplications "
-            "run without hardware acceleration and can be slower than fp32 here. --auto-cast none compiles fp32."
-        )
     results = []
+    chosen: dict[str, str] = {}
     for i, spec in enumerate(specs, 1):
-        log(f"[{i}/{len(specs)}] {spec.name}: tracing and compiling")
-        with _heartbeat(log, f"compiling {spec.name}"):
-            manifest = compile_fn(spec, options, output / spec.name)
-        report = None
-        if validate:
-            log(f"[{i}/{len(specs)}] {spec.name}: validating against eager PyTorch")
-            compiled = CompiledComponent(output / spec.name, device=options.device)
-            report = validate_component(spec, compiled, options.precision)
-            manifest["validation"] = report.to_dict()
+        step = f"[{i}/{len(specs)}] {spec.name}"
+        choice = None
+        tries = [options]
+        if options.precision.is_auto:
+            log(f"{step}: timing fp32/bf16/fp16 on this {options.device} to choose its type")
+            choice = choose(spec, options.device)
+            log(f"{step}: {choice.describe()}")
+            tries = [replace(options, precision=options.precision.resolved(name)) for name in choice.ranked]
+        for attempt, spec_options in enumerate(tries):
+            manifest, report = _compile_and_validate(spec, spec_options, output / spec.name, step, validate, log,
+                                                     compile_fn, last=attempt == len(tries) - 1)  # fmt: skip
+            if manifest is not None:
+                break
+        if choice is not None:
+            chosen[spec.name] = spec_options.precision.auto_cast_type
+            manifest["precision_choice"] = {**choice.to_dict(), "chosen": chosen[spec.name]}
             write_manifest(output / spec.name, spec.config, manifest)
         if release_weights and spec.role in ("text_encoder", "unet"):
             spec.module.to("meta")  # the VAE's encoder and decoder share one module: kept
@@ -174,9 +179,43 @@ def export_pipeline(
             f"{size / 2**20:.1f} MiB" + (f", max rel error {report.max_rel_error:.2e}" if report else ", not validated")
         )
     save_uncompiled_parts(pipe.components, output)
-    _write_model_index(pipe, output, shapes, options, pipeline_class, [s.name for s in specs])
+    _write_model_index(pipe, output, shapes, options, pipeline_class, [s.name for s in specs], chosen)
     log(summary_table(results))
     return results
+
+
+def _compile_and_validate(
+    spec: ComponentSpec,
+    options: CompilerOptions,
+    folder: Path,
+    step: str,
+    validate: bool,
+    log: Callable[[str], None],
+    compile_fn: Callable[[ComponentSpec, CompilerOptions, Path], dict],
+    *,
+    last: bool,
+) -> tuple[dict | None, ValidationReport | None]:
+    """Compiles (and validates) ``spec`` in ``options``; ``(None, None)`` when validation failed and another
+    measured type is left to try, which is then compiled in its place."""
+    log(f"{step}: tracing and compiling ({options.precision.describe()})")
+    with _heartbeat(log, f"compiling {spec.name}"):
+        manifest = compile_fn(spec, options, folder)
+    if not validate:
+        return manifest, None
+    log(f"{step}: validating against eager PyTorch")
+    compiled = CompiledComponent(folder, device=options.device)
+    try:
+        report = validate_component(spec, compiled, options.precision)
+    except ValidationError as error:
+        if last:
+            raise
+        log(f"{step}: {options.precision.auto_cast_type} fails validation ({error}); trying the next fastest type")
+        del compiled
+        shutil.rmtree(folder)
+        return None, None
+    manifest["validation"] = report.to_dict()
+    write_manifest(folder, spec.config, manifest)
+    return manifest, report
 
 
 def save_uncompiled_parts(components: dict[str, Any], output: Path) -> dict[str, list[str]]:
@@ -206,6 +245,7 @@ def _write_model_index(
     options: CompilerOptions,
     pipeline_class: str,
     compiled: list[str],
+    chosen: dict[str, str],
 ) -> None:
     import diffusers
 
@@ -222,7 +262,7 @@ def _write_model_index(
         "diffusers_class": type(pipe).__name__,
         "shapes": shapes.to_dict(),
         "components": compiled,
-        "precision": options.precision.to_dict(),
+        "precision": {**options.precision.to_dict(), **({"chosen": chosen} if chosen else {})},
         "device": options.device,
         "versions": artifact.environment_versions(),
     }

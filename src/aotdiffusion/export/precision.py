@@ -72,27 +72,48 @@ _LOW_PRECISION_ATEN = {
 }
 
 
+# `auto`: each component's type is chosen at export by timing the candidates (export/choose_precision.py).
+AUTO = "auto"
+
+
 @dataclass(frozen=True)
 class Precision:
     auto_cast: str = "matmul"
-    auto_cast_type: str = "bf16"
+    auto_cast_type: str = AUTO
 
     def __post_init__(self) -> None:
         if self.auto_cast not in AUTO_CAST_MODES:
             raise ValueError(f"`auto_cast` must be one of {AUTO_CAST_MODES}, got {self.auto_cast!r}.")
-        if self.auto_cast_type not in AUTO_CAST_TYPES:
-            raise ValueError(f"`auto_cast_type` must be one of {tuple(AUTO_CAST_TYPES)}, got {self.auto_cast_type!r}.")
+        if self.auto_cast_type not in (AUTO, *AUTO_CAST_TYPES):
+            raise ValueError(
+                f"`auto_cast_type` must be one of {(AUTO, *AUTO_CAST_TYPES)}, got {self.auto_cast_type!r}."
+            )
+
+    @property
+    def is_auto(self) -> bool:
+        """Whether the type is still to be measured (with --auto-cast none there is nothing to choose)."""
+        return self.auto_cast != "none" and self.auto_cast_type == AUTO
+
+    def resolved(self, auto_cast_type: str) -> Precision:
+        return Precision(self.auto_cast, auto_cast_type)
 
     @property
     def low_dtype(self) -> torch.dtype:
         """The narrowest type any operation runs in."""
-        return torch.float32 if self.auto_cast == "none" else AUTO_CAST_TYPES[self.auto_cast_type]
+        if self.auto_cast == "none":
+            return torch.float32
+        if self.is_auto:
+            raise ValueError("auto_cast_type 'auto' has no type until the export has measured one (resolved()).")
+        return AUTO_CAST_TYPES[self.auto_cast_type]
 
     @property
     def tolerance(self) -> float:
         return RELATIVE_TOLERANCE[self.low_dtype]
 
     def describe(self) -> str:
+        if self.is_auto:
+            scope = "matmul/conv/attention" if self.auto_cast == "matmul" else "all ops"
+            return f"type chosen per component by timing fp32/bf16/fp16 on this machine ({scope})"
         if self.low_dtype == torch.float32:
             return "fp32"
         return f"{self.auto_cast_type} ({'matmul/conv/attention' if self.auto_cast == 'matmul' else 'all ops'})"

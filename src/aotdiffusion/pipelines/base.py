@@ -80,7 +80,7 @@ class AOTPipelineMixin:
         device: str = "cpu",
         # compiler arguments
         auto_cast: str = "matmul",
-        auto_cast_type: str = "bf16",
+        auto_cast_type: str = "auto",
         validate: bool = True,
         freezing: bool = True,
         vae_encoder: bool = True,

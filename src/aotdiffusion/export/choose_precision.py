@@ -1,0 +1,193 @@
+"""``--auto-cast-type auto``: the compute type of each component, chosen by timing it on this machine.
+
+No CPU flag predicts the fast path (bf16 is 10x faster than fp32 with AMX, 2x slower without it on
+AVX-512 Xeons, 2-4x faster on Zen 5 through oneDNN, and 8-10x slower on AVX2-only CPUs, where oneDNN
+has no bf16 kernels), so the export measures. A component's time is dominated by a few convolution,
+matrix-multiplication and attention shapes; this module records them while the component runs on
+fake tensors (no compute, no memory), then times the largest ones (by FLOPs) in every candidate
+type with the kernels the compiled graph calls (oneDNN convolutions in channels-last, linears,
+scaled-dot-product attention), and ranks the candidates by the FLOP-weighted total. The export
+compiles the fastest one and falls back to the next if it fails validation.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from .components import ComponentSpec
+
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# The shapes timed per component: the largest ones until this share of the component's FLOPs (at
+# most _MAX_SHAPES of them), which keeps the measurement to seconds on a full-size UNet.
+_FLOP_SHARE = 0.6
+_MAX_SHAPES = 8
+_aten = torch.ops.aten
+
+
+@dataclass(frozen=True)
+class Op:
+    kind: str  # conv | linear | attention
+    shapes: tuple  # what re-creates it: see _runner
+    flops: int
+
+
+@dataclass
+class Choice:
+    """The ranking of one component's candidates, fastest first, with what was measured."""
+
+    ranked: list[str]
+    seconds: dict[str, float]  # FLOP-weighted estimate of the timed shapes per candidate
+    ops_timed: int
+    flop_share: float
+    skipped: dict[str, str] = field(default_factory=dict)  # candidate -> why it was not a candidate
+
+    def describe(self) -> str:
+        timings = ", ".join(f"{c} {self.seconds[c] * 1e3:.1f} ms" for c in self.ranked)
+        skipped = "".join(f"; {c} not tried: {why}" for c, why in self.skipped.items())
+        return (
+            f"{timings} over its {self.ops_timed} largest operation shapes ({self.flop_share:.0%} of its FLOPs)"
+            f"{skipped} -> {self.ranked[0]}"
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "method": "timed the component's largest convolution/linear/attention shapes in each candidate type",
+            "seconds": {c: round(s, 6) for c, s in self.seconds.items()},
+            "ranked": self.ranked,
+            "ops_timed": self.ops_timed,
+            "flop_share": round(self.flop_share, 3),
+            "skipped": self.skipped,
+        }
+
+
+class _RecordOps(TorchDispatchMode):
+    """Collects (kind, shapes) -> count of the heavy operations a forward pass dispatches."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: dict[tuple[str, tuple], int] = defaultdict(int)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        packet = func.overloadpacket
+        if packet is _aten.convolution and not args[6]:  # not transposed
+            x, w = args[0], args[1]
+            stride, padding, dilation, groups = (tuple(args[3]), tuple(args[4]), tuple(args[5]), args[8])
+            self.ops[("conv", (tuple(x.shape), tuple(w.shape), stride, padding, dilation, groups))] += 1
+        elif packet in (_aten.addmm, _aten.mm):
+            a, b = (args[1], args[2]) if packet is _aten.addmm else (args[0], args[1])
+            self.ops[("linear", (tuple(a.shape), tuple(b.shape)))] += 1
+        elif packet is _aten.bmm:
+            self.ops[("bmm", (tuple(args[0].shape), tuple(args[1].shape)))] += 1
+        elif packet in (_aten._scaled_dot_product_flash_attention_for_cpu, _aten._scaled_dot_product_flash_attention):
+            self.ops[("attention", (tuple(args[0].shape), tuple(args[1].shape)))] += 1
+        return func(*args, **kwargs)
+
+
+def _flops(kind: str, shapes: tuple) -> int:
+    if kind == "conv":
+        (n, _, h, w), (cout, cin_g, kh, kw), stride, padding, dilation, _ = shapes
+        ho = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+        wo = (w + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+        return 2 * n * cout * ho * wo * cin_g * kh * kw
+    if kind == "linear":
+        (m, k), (_, n) = shapes
+        return 2 * m * k * n
+    if kind == "bmm":
+        (b, m, k), (_, _, n) = shapes
+        return 2 * b * m * k * n
+    (b, h, lq, e), (_, _, lk, _) = shapes  # attention: QK^T and PV
+    return 4 * b * h * lq * lk * e
+
+
+def dominant_ops(spec: ComponentSpec) -> tuple[list[tuple[Op, int]], int]:
+    """The component's heavy operation shapes with their call counts, and its total FLOPs in them."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    inputs = spec.example_inputs()
+    recorder = _RecordOps()
+    with torch.no_grad(), FakeTensorMode(allow_non_fake_inputs=True) as fake:
+        fake_inputs = [fake.from_tensor(t) for t in inputs.values()]
+        with recorder:
+            spec.module(*fake_inputs)
+    ops = [(Op(kind, shapes, _flops(kind, shapes)), count) for (kind, shapes), count in recorder.ops.items()]
+    ops.sort(key=lambda item: item[0].flops * item[1], reverse=True)
+    return ops, sum(op.flops * count for op, count in ops)
+
+
+def _runner(op: Op, dtype: torch.dtype, device: str) -> Callable[[], Any]:
+    """A call of ``op`` in ``dtype`` on random data, laid out as the compiled graph runs it."""
+    gen = torch.Generator().manual_seed(0)
+
+    def rand(*shape: int) -> torch.Tensor:
+        return torch.randn(shape, generator=gen).to(device=device, dtype=dtype)
+
+    if op.kind == "conv":
+        x_shape, w_shape, stride, padding, dilation, groups = op.shapes
+        # The compiled convolutions run channels-last (oneDNN's `acdb`), so that is what is timed.
+        x = rand(*x_shape).to(memory_format=torch.channels_last)
+        w = rand(*w_shape).to(memory_format=torch.channels_last)
+        return lambda: F.conv2d(x, w, None, stride, padding, dilation, groups)
+    if op.kind == "linear":
+        (m, k), (_, n) = op.shapes
+        x, w = rand(m, k), rand(n, k)
+        return lambda: F.linear(x, w)
+    if op.kind == "bmm":
+        a_shape, b_shape = op.shapes
+        a, b = rand(*a_shape), rand(*b_shape)
+        return lambda: torch.bmm(a, b)
+    (b, h, lq, e), (_, _, lk, _) = op.shapes
+    q, k, v = rand(b, h, lq, e), rand(b, h, lk, e), rand(b, h, lk, e)
+    return lambda: F.scaled_dot_product_attention(q, k, v)
+
+
+def _seconds(fn: Callable[[], Any], device: str, budget: float = 0.5) -> float:
+    """Median of up to 3 timed calls after one warm-up, fewer when a call is slower than ``budget``."""
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    fn()
+    sync()
+    samples: list[float] = []
+    while len(samples) < 3 and sum(samples) < budget:
+        start = time.perf_counter()
+        fn()
+        sync()
+        samples.append(time.perf_counter() - start)
+    return statistics.median(samples)
+
+
+def candidates(spec: ComponentSpec) -> tuple[list[str], dict[str, str]]:
+    """The types worth timing for ``spec`` and, for each left out, why."""
+    skipped = {}
+    names = list(_DTYPES)
+    if spec.role in ("vae_encoder", "vae_decoder") and spec.config.get("force_upcast"):
+        # The SDXL VAE overflows in fp16 (NaN images): never a candidate however fast.
+        skipped["fp16"] = "its config sets force_upcast (diffusers runs it in fp32: fp16 overflows)"
+        names.remove("fp16")
+    return names, skipped
+
+
+def choose(spec: ComponentSpec, device: str) -> Choice:
+    """Ranks the candidate types of ``spec`` on this machine, fastest first."""
+    names, skipped = candidates(spec)
+    ops, total = dominant_ops(spec)
+    selected, covered = [], 0
+    for op, count in ops:
+        if selected and (covered >= _FLOP_SHARE * total or len(selected) >= _MAX_SHAPES):
+            break
+        selected.append((op, count))
+        covered += op.flops * count
+    seconds = {}
+    with torch.no_grad():
+        for name in names:
+            seconds[name] = sum(count * _seconds(_runner(op, _DTYPES[name], device), device) for op, count in selected)
+    ranked = sorted(names, key=seconds.__getitem__)
+    return Choice(ranked, seconds, len(selected), covered / total if total else 1.0, skipped)
