@@ -21,7 +21,7 @@ demo: setup
 	rm -rf $(DEMO)
 	$(BIN)/aotdiffusion tiny sd $(DEMO)/tiny-sd
 	$(BIN)/aotdiffusion export --model $(DEMO)/tiny-sd --task stable-diffusion --batch-size 1 \
-	  --height 64 --width 64 --num-images-per-prompt 1 --auto-cast matmul --auto-cast-type bf16 $(DEMO)/tiny-sd-aot
+	  --height 64 --width 64 --num-images-per-prompt 1 --auto-cast matmul $(DEMO)/tiny-sd-aot
 	HF_HUB_OFFLINE=1 $(BIN)/aotdiffusion generate $(DEMO)/tiny-sd-aot "a photo of an astronaut riding a horse on mars" \
 	  --steps 20 --guidance-scale 7.5 --seed 0 --output $(DEMO)/images
 

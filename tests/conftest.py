@@ -204,3 +204,12 @@ def sd_split_guidance(tiny_sd, tmp_path_factory) -> Path:
         split_guidance_batch=True,
         vae_encoder=False,
     )
+
+
+@pytest.fixture(scope="session")
+def sd_deep_cache(tiny_sd, tmp_path_factory) -> Path:
+    """fp32, with the shallow UNet graph for step caching."""
+    return _export(
+        tiny_sd, tmp_path_factory.mktemp("exports") / "sd-deep-cache", auto_cast="none", deep_cache=True,
+        vae_encoder=False,
+    )  # fmt: skip

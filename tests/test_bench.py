@@ -10,10 +10,10 @@ from conftest import cli
 from aotdiffusion.bench.variants import VARIANTS
 
 
-def test_bench_quick_runs_every_variant_side_by_side(tiny_sd, sd_fp32, tmp_path):
+def test_bench_quick_runs_every_variant_side_by_side(tiny_sd, sd_deep_cache, tmp_path):
     out = tmp_path / "bench"
     variants = ",".join(VARIANTS)
-    args = ["--quick", "--model", str(tiny_sd), "--aot-dir", str(sd_fp32), "--variants", variants, str(out)]
+    args = ["--quick", "--model", str(tiny_sd), "--aot-dir", str(sd_deep_cache), "--variants", variants, str(out)]
     result = cli("bench", *args)
     report = json.loads((out / "results.json").read_text())
     results = report["results"]
@@ -33,6 +33,11 @@ def test_bench_quick_runs_every_variant_side_by_side(tiny_sd, sd_fp32, tmp_path)
     for variant in ("eager-bf16", "compile-bf16"):
         assert 25 < psnr[variant] < psnr["aotdiffusion"], (variant, psnr)
     assert results["eager-bf16"]["precision"] == "bfloat16" and results["aotdiffusion"]["precision"] == "float32"
+    # Step caching skips work, so its image differs from the uncached one (2 steps: the second is shallow).
+    for interval in (2, 3, 5):
+        r = results[f"aotdiffusion-cache{interval}"]
+        assert r["precision"] == f"float32, cache interval {interval}" and 10 < psnr[f"aotdiffusion-cache{interval}"]
+    assert "with step caching: end-to-end at least 2x faster than the fastest peer" in result.stdout
 
     # Loading an export compiles nothing; torch.compile compiles in every new process.
     assert results["aotdiffusion"]["cold_start_s"] < results["compile-bf16"]["cold_start_s"]

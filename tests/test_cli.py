@@ -13,6 +13,8 @@ def test_tiny_writes_a_diffusers_folder(tmp_path):
     out = tmp_path / "tiny"
     result = cli("tiny", "sd", str(out))
     assert str(out) in result.stdout
+    # transformers' notice about image processors without torchvision concerns nothing aotdiffusion runs.
+    assert "requires torchvision" not in result.stderr + result.stdout
     index = json.loads((out / "model_index.json").read_text())
     assert index["_class_name"] == "StableDiffusionPipeline"
     assert index["tokenizer"] == ["transformers", "CLIPTokenizer"]
@@ -29,9 +31,7 @@ def test_export_prints_progress_and_summary(sd_bf16_cli):
         assert f"[{i}/4] {name}: done in" in stdout
     assert "component     trace s  compile s  size MiB  max abs err  max rel err" in stdout
     assert "peak memory:" in stdout
-    from aotdiffusion.artifact import has_amx
-
-    assert ("note: this CPU has no AMX" in stdout) == (not has_amx())
+    assert "to choose its type" not in stdout  # an explicit --auto-cast-type is obeyed, nothing is timed
     manifest = json.loads((folder / "unet" / "config.json").read_text())["aotdiffusion"]
     assert manifest["precision"] == {"auto_cast": "matmul", "auto_cast_type": "bf16"}
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 
+import numpy as np
 import pytest
 import torch
 
@@ -176,3 +177,50 @@ def test_unknown_pipeline_class_is_an_artifact_error(copy_of):
     (copy_of / "model_index.json").write_text(json.dumps(index))
     with pytest.raises(artifact.ArtifactError, match="names the pipeline class 'os.system'"):
         AOTDiffusionPipeline.from_pretrained(copy_of)
+
+
+def test_auto_type_compiles_the_fastest_measured_type_that_validates(eager_sd, tmp_path, load):
+    """The default export times the candidates, compiles the fastest, and falls back when it fails validation."""
+
+    def compile_first_text_encoder_broken(spec, options, folder):
+        # The text encoder's first (fastest) choice compiles a perturbed copy, so its validation fails.
+        if spec.name == "text_encoder" and not broken:
+            broken.append(options.precision.auto_cast_type)
+            original = spec.module
+            spec.module = __import__("copy").deepcopy(original)
+            with torch.no_grad():
+                next(spec.module.parameters()).add_(0.5)
+            try:
+                return compile_component(spec, options, folder)
+            finally:
+                spec.module = original
+        return compile_component(spec, options, folder)
+
+    broken, lines = [], []
+    shapes = default_shapes(eager_sd, height=64, width=64)
+    export_pipeline(
+        eager_sd, tmp_path / "auto", shapes, CompilerOptions(Precision()),
+        pipeline_class="AOTStableDiffusionPipeline", compile_fn=compile_first_text_encoder_broken, log=lines.append,
+    )  # fmt: skip
+    log = "\n".join(lines)
+    index = json.loads((tmp_path / "auto" / "model_index.json").read_text())["aotdiffusion"]
+    assert index["precision"]["auto_cast_type"] == "auto"
+    for name in ("text_encoder", "unet", "vae_encoder", "vae_decoder"):
+        manifest = json.loads((tmp_path / "auto" / name / "config.json").read_text())["aotdiffusion"]
+        choice = manifest["precision_choice"]
+        assert set(choice["seconds"]) >= {"fp32", "bf16"} and all(s > 0 for s in choice["seconds"].values())
+        assert choice["ranked"] == sorted(choice["seconds"], key=choice["seconds"].get)
+        expected = choice["ranked"][1] if name == "text_encoder" else choice["ranked"][0]
+        assert choice["chosen"] == manifest["precision"]["auto_cast_type"] == index["precision"]["chosen"][name]
+        assert choice["chosen"] == expected, (name, choice)
+        assert any(f"] {name}: " in line and line.endswith(f"-> {choice['ranked'][0]}") for line in lines), log
+        assert manifest["validation"]["passed"]
+    assert f"text_encoder: {broken[0]} fails validation" in log and "trying the next fastest type" in log
+    # The VAE of this model sets force_upcast: fp16 is never one of its candidates, and the log says why.
+    vae = json.loads((tmp_path / "auto" / "vae_decoder" / "config.json").read_text())["aotdiffusion"]
+    assert (
+        "fp16" not in vae["precision_choice"]["seconds"]
+        and "force_upcast" in vae["precision_choice"]["skipped"]["fp16"]
+    )
+    image = load(tmp_path / "auto")("a cat", num_inference_steps=2, output_type="np").images[0]
+    assert image.shape == (64, 64, 3) and np.isfinite(image).all()

@@ -162,3 +162,54 @@ def test_freed_buffers_stay_mapped_unless_switched_off(setting):
         assert applied == "True" and int(faults) < 1000, out.stdout
     else:
         assert applied == "False" and int(faults) > 10000, out.stdout
+
+
+class _Heavy(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(4, 8, 3, padding=1)
+        self.proj = torch.nn.Linear(8, 16)
+
+    def forward(self, x):
+        h = self.conv(x).flatten(2).transpose(1, 2)  # (2, 64, 8)
+        q = self.proj(h).view(2, 64, 2, 8).transpose(1, 2)  # (2, 2 heads, 64, 8)
+        return (torch.nn.functional.scaled_dot_product_attention(q, q, q),)
+
+
+def _heavy_spec():
+    from aotdiffusion.export.components import ComponentSpec
+
+    return ComponentSpec(
+        name="heavy", role="unet", module=_Heavy().eval(), output_names=["out"], config={},
+        make_inputs=lambda gen: {"x": torch.randn(2, 4, 8, 8, generator=gen)},
+    )  # fmt: skip
+
+
+def test_dominant_ops_are_recorded_with_their_flops_and_no_compute():
+    from aotdiffusion.export.choose_precision import dominant_ops
+
+    ops, total = dominant_ops(_heavy_spec())
+    found = {op.kind: (op.shapes, op.flops, count) for op, count in ops}
+    assert found["conv"] == (((2, 4, 8, 8), (8, 4, 3, 3), (1, 1), (1, 1), (1, 1), 1), 2 * 2 * 8 * 64 * 4 * 9, 1)
+    assert found["linear"] == (((128, 8), (8, 16)), 2 * 128 * 8 * 16, 1)
+    assert found["attention"][1] == 4 * 2 * 2 * 64 * 64 * 8
+    assert total == sum(op.flops * count for op, count in ops)
+
+
+def test_choice_ranks_every_candidate_by_measured_time():
+    from aotdiffusion.export.choose_precision import choose
+
+    choice = choose(_heavy_spec(), "cpu")
+    assert sorted(choice.ranked) == ["bf16", "fp16", "fp32"] and choice.ranked == sorted(
+        choice.seconds, key=choice.seconds.get
+    )
+    assert all(seconds > 0 for seconds in choice.seconds.values()) and 0 < choice.flop_share <= 1
+    assert choice.describe().endswith(f"-> {choice.ranked[0]}")
+
+
+def test_auto_type_is_the_default_and_needs_resolving():
+    assert Precision().auto_cast_type == "auto" and Precision().is_auto and not Precision("none").is_auto
+    with pytest.raises(ValueError, match="has no type until the export has measured one"):
+        _ = Precision().low_dtype
+    assert Precision().resolved("bf16").low_dtype == torch.bfloat16
+    assert Precision("none").low_dtype == torch.float32

@@ -65,6 +65,12 @@ def _parser() -> argparse.ArgumentParser:
     _flag(export, "device", default="cpu", help="cpu or cuda (default cpu)")
     _flag(export, "disable-validation", action="store_true", help="skip comparing each component with eager PyTorch")
     _flag(export, "no-vae-encoder", action="store_true", help="leave out the VAE encoder (text-to-image only)")
+    _flag(
+        export,
+        "deep-cache",
+        action="store_true",
+        help="also compile the shallow UNet for step caching (generate --cache-interval N)",
+    )
     _flag(export, "unet", help="hub id or folder of a UNet that replaces the model's before compiling")
     _flag(export, "revision", help="hub revision of --model")
 
@@ -81,6 +87,13 @@ def _parser() -> argparse.ArgumentParser:
     _flag(generate, "mask-image", type=Path, help="inpainting mask (white = repaint), same size as --image")
     _flag(generate, "strength", type=float, help="how much of --image to repaint, 0-1 (diffusers' default)")
     _flag(generate, "resize", action="store_true", help="resize --image/--mask-image to the compiled size")
+    _flag(
+        generate,
+        "cache-interval",
+        type=int,
+        default=1,
+        help="step caching: one full UNet pass every N steps, shallow ones between (export --deep-cache); 1 = off",
+    )
     _flag(generate, "output", type=Path, default=Path("images"), help="folder for the PNGs (default images/)")
 
     tiny = commands.add_parser("tiny", help="write a tiny random-weight diffusers pipeline (no network)")
@@ -145,6 +158,7 @@ def _export(args: argparse.Namespace) -> None:
         auto_cast_type=args.auto_cast_type,
         validate=not args.disable_validation,
         vae_encoder=not args.no_vae_encoder,
+        deep_cache=args.deep_cache,
         unet_id=args.unet,
         batch_size=args.batch_size,
         height=args.height,
@@ -188,6 +202,7 @@ def _generate(args: argparse.Namespace) -> None:
         "generator": torch.Generator().manual_seed(args.seed),
         "num_images_per_prompt": args.num_images_per_prompt or shapes.num_images_per_prompt,
         "resize_images": args.resize,
+        "cache_interval": args.cache_interval,
     }
     if args.guidance_scale is not None:
         call["guidance_scale"] = args.guidance_scale

@@ -21,7 +21,8 @@ import numpy as np
 import torch
 
 from .. import artifact
-from .variants import DEFAULT_VARIANTS, VARIANTS
+from ..export.deep_cache import SHALLOW_COMPONENT as SHALLOW
+from .variants import DEFAULT_VARIANTS, VARIANTS, cache_interval
 
 
 @dataclass
@@ -78,7 +79,8 @@ def run(config: BenchConfig) -> dict[str, Any]:
         raise ValueError(f"Unknown variants {unknown or '(none given)'}; choose from {', '.join(VARIANTS)}.")
     model = config.model or _random_model(config, out)
     shapes = _shapes(model, config)
-    aot_dir, export_s = _aot_artifact(model, config, shapes, out) if "aotdiffusion" in config.variants else (None, None)
+    ours = [v for v in config.variants if v.startswith("aotdiffusion")]
+    aot_dir, export_s = _aot_artifact(model, config, shapes, out) if ours else (None, None)
 
     unet_flops = _unet_flops(model, shapes)
     peaks = _peaks(quick=not config.full_size)
@@ -124,6 +126,11 @@ def _shapes(model: str, config: BenchConfig) -> dict[str, int]:
 
 def _aot_artifact(model: str, config: BenchConfig, shapes: dict, out: Path) -> tuple[str, float | None]:
     if config.aot_dir and (Path(config.aot_dir) / "model_index.json").exists():
+        if any(cache_interval(v) > 1 for v in config.variants) and not (Path(config.aot_dir) / SHALLOW).is_dir():
+            raise ValueError(
+                f"The step-caching variants need an export made with --deep-cache; {config.aot_dir} has none. "
+                "Export again with --deep-cache, or leave --aot-dir out to export here."
+            )
         print(f"[bench] reusing the export in {config.aot_dir}")
         return config.aot_dir, None
     folder = Path(config.aot_dir or out / "aot")
@@ -136,6 +143,8 @@ def _aot_artifact(model: str, config: BenchConfig, shapes: dict, out: Path) -> t
         sys.executable, "-m", "aotdiffusion.cli", "export", "--model", model, "--task", config.task,
         "--height", str(shapes["height"]), "--width", str(shapes["width"]), "--auto-cast", auto_cast, str(folder),
     ]  # fmt: skip
+    if any(cache_interval(v) > 1 for v in config.variants):
+        command.insert(-1, "--deep-cache")
     start = time.perf_counter()
     subprocess.run(command, check=True)
     return str(folder), time.perf_counter() - start
@@ -324,7 +333,11 @@ def _fastest_peer(results: dict[str, Any]) -> dict[str, tuple[str, dict]]:
     """Per metric, the fastest variant that is not aotdiffusion (eager, torch.compile, OpenVINO; any type)."""
     fastest = {}
     for metric in _COLUMNS:
-        timed = [(v, r[metric]) for v, r in results.items() if v != "aotdiffusion" and r.get(metric, {}).get("runs")]
+        timed = [
+            (v, r[metric])
+            for v, r in results.items()
+            if not v.startswith("aotdiffusion") and r.get(metric, {}).get("runs")
+        ]
         if timed:
             fastest[metric] = min(timed, key=lambda item: item[1]["median"])
     return fastest
@@ -336,6 +349,12 @@ def _targets(results: dict[str, Any]) -> list[tuple[str, bool]]:
     if "end_to_end" in fastest:
         results = {**results, "fastest-peer": {"end_to_end": fastest["end_to_end"][1]}}
     verdicts = []
+    cached = {v: r for v, r in results.items() if v.startswith("aotdiffusion-cache") and r["end_to_end"]["runs"]}
+    if cached and "end_to_end" in fastest:
+        best = min(cached, key=lambda v: cached[v]["end_to_end"]["median"])
+        speedup = fastest["end_to_end"][1]["median"] / cached[best]["end_to_end"]["median"]
+        text = f"with step caching: end-to-end at least 2x faster than the fastest peer ({best}: {speedup:.2f}x)"
+        verdicts.append((text, speedup >= 2.0))
     for text, baseline, metric, least in TARGETS:
         theirs = results.get(baseline)
         if ours is None or theirs is None:

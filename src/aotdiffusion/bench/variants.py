@@ -17,7 +17,18 @@ VARIANTS = {
     "openvino": "OpenVINO as optimum-intel runs it: convert_model, static shapes, default precision hint",
     "openvino-fp32": "OpenVINO with the f32 precision hint",
     "aotdiffusion": "aotdiffusion: the exported artifact, loaded without compiling",
+    # Step caching (DeepCache): the export's shallow UNet on N-1 of every N steps (exported with --deep-cache).
+    "aotdiffusion-cache2": "aotdiffusion with step caching, a full UNet pass every 2nd step",
+    "aotdiffusion-cache3": "aotdiffusion with step caching, a full UNet pass every 3rd step",
+    "aotdiffusion-cache5": "aotdiffusion with step caching, a full UNet pass every 5th step",
 }
+
+
+def cache_interval(variant: str) -> int:
+    """The step-caching interval a variant calls its pipeline with (1: none)."""
+    return int(variant.removeprefix("aotdiffusion-cache")) if variant.startswith("aotdiffusion-cache") else 1
+
+
 DEFAULT_VARIANTS = ("eager-fp32", "eager-bf16", "compile-bf16", "openvino", "aotdiffusion")
 
 
@@ -36,11 +47,12 @@ def build(variant: str, options: BuildOptions) -> tuple[Any, str]:
     """Returns the pipeline and a short description of the precision it runs in."""
     if variant not in VARIANTS:
         raise ValueError(f"Unknown benchmark variant {variant!r}; choose from {', '.join(VARIANTS)}.")
-    if variant == "aotdiffusion":
+    if variant.startswith("aotdiffusion"):
         from ..pipelines.auto import AOTDiffusionPipeline
 
         pipe = AOTDiffusionPipeline.from_pretrained(options.aot_dir)
-        return pipe, _aot_precision(pipe)
+        interval = cache_interval(variant)
+        return pipe, _aot_precision(pipe) + (f", cache interval {interval}" if interval > 1 else "")
     import torch
 
     dtype = torch.bfloat16 if variant.endswith("bf16") else torch.float32

@@ -30,6 +30,7 @@ _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # most _MAX_SHAPES of them), which keeps the measurement to seconds on a full-size UNet.
 _FLOP_SHARE = 0.6
 _MAX_SHAPES = 8
+_DROP_RATIO = 3.0
 _aten = torch.ops.aten
 
 
@@ -49,9 +50,14 @@ class Choice:
     ops_timed: int
     flop_share: float
     skipped: dict[str, str] = field(default_factory=dict)  # candidate -> why it was not a candidate
+    # candidate -> how much slower it was when it stopped being timed (its time extrapolated from its shapes)
+    stopped_early: dict[str, str] = field(default_factory=dict)
 
     def describe(self) -> str:
-        timings = ", ".join(f"{c} {self.seconds[c] * 1e3:.1f} ms" for c in self.ranked)
+        timings = ", ".join(
+            f"{c} {self.seconds[c] * 1e3:.1f} ms" + (" (extrapolated)" if c in self.stopped_early else "")
+            for c in self.ranked
+        )
         skipped = "".join(f"; {c} not tried: {why}" for c, why in self.skipped.items())
         return (
             f"{timings} over its {self.ops_timed} largest operation shapes ({self.flop_share:.0%} of its FLOPs)"
@@ -66,6 +72,7 @@ class Choice:
             "ops_timed": self.ops_timed,
             "flop_share": round(self.flop_share, 3),
             "skipped": self.skipped,
+            "stopped_early": self.stopped_early,
         }
 
 
@@ -185,9 +192,21 @@ def choose(spec: ComponentSpec, device: str) -> Choice:
             break
         selected.append((op, count))
         covered += op.flops * count
-    seconds = {}
+    # Shape by shape, every candidate still in the race; one that is already _DROP_RATIO x slower than the
+    # best after two shapes stops being timed (bf16 without bf16 instructions is 6-10x slower: timing all of
+    # its shapes would add minutes to a full-size export) and its total is extrapolated by FLOPs.
+    spent = dict.fromkeys(names, 0.0)
+    flops_timed = dict.fromkeys(names, 0)
+    racing = list(names)
     with torch.no_grad():
-        for name in names:
-            seconds[name] = sum(count * _seconds(_runner(op, _DTYPES[name], device), device) for op, count in selected)
+        for position, (op, count) in enumerate(selected):
+            for name in racing:
+                spent[name] += count * _seconds(_runner(op, _DTYPES[name], device), device)
+                flops_timed[name] += op.flops * count
+            best = min(spent[name] for name in racing)
+            if position >= 1:
+                racing = [name for name in racing if spent[name] <= _DROP_RATIO * best]
+    seconds = {name: spent[name] * covered / flops_timed[name] for name in names}
+    early = {name: f"{seconds[name] / min(seconds.values()):.1f}x slower" for name in names if name not in racing}
     ranked = sorted(names, key=seconds.__getitem__)
-    return Choice(ranked, seconds, len(selected), covered / total if total else 1.0, skipped)
+    return Choice(ranked, seconds, len(selected), covered / total if total else 1.0, skipped, early)

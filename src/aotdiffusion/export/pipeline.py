@@ -22,6 +22,7 @@ from ..shapes import PipelineShapes
 from .choose_precision import choose
 from .compile import CompilerOptions, compile_component, write_manifest
 from .components import ComponentSpec, text_encoder_spec, unet_spec, vae_decoder_spec, vae_encoder_spec
+from .deep_cache import deep_cache_specs
 from .precision import Precision
 from .validate import ValidationError, ValidationReport, validate_component
 
@@ -63,7 +64,12 @@ def default_shapes(pipe: DiffusionPipeline, **requested: Any) -> PipelineShapes:
 
 
 def component_specs(
-    pipe: DiffusionPipeline, shapes: PipelineShapes, precision: Precision, *, vae_encoder: bool = True
+    pipe: DiffusionPipeline,
+    shapes: PipelineShapes,
+    precision: Precision,
+    *,
+    vae_encoder: bool = True,
+    deep_cache: bool = False,
 ) -> list[ComponentSpec]:
     specs = []
     for name in ("text_encoder", "text_encoder_2"):
@@ -82,6 +88,13 @@ def component_specs(
             "time_ids_dim": (in_features - text_embeds_dim) // unet.config.addition_time_embed_dim,
         }
     specs.append(unet_spec(unet, shapes, pipe.vae_scale_factor, **added))
+    if deep_cache:
+        if shapes.split_guidance_batch:
+            raise ValueError(
+                "Step caching (--deep-cache) keeps one cached feature per step, but a UNet compiled for half the "
+                "guidance batch (--split-guidance-batch) runs twice per step. Export with one of the two."
+            )
+        specs.extend(deep_cache_specs(specs.pop()))
     fp16 = precision.auto_cast != "none" and precision.auto_cast_type == "fp16"
     if getattr(pipe, "text_encoder_2", None) is not None and fp16:
         if pipe.vae.config.force_upcast:
@@ -124,6 +137,7 @@ def export_pipeline(
     pipeline_class: str,
     validate: bool = True,
     vae_encoder: bool = True,
+    deep_cache: bool = False,
     log: Callable[[str], None] | None = None,
     compile_fn: Callable[[ComponentSpec, CompilerOptions, Path], dict] = compile_component,
     release_weights: bool = False,
@@ -142,7 +156,7 @@ def export_pipeline(
         raise FileExistsError(f"{output} is not empty; choose a new output folder or remove it first.")
     output.mkdir(parents=True, exist_ok=True)
     pipe.set_progress_bar_config(disable=True)
-    specs = component_specs(pipe, shapes, options.precision, vae_encoder=vae_encoder)
+    specs = component_specs(pipe, shapes, options.precision, vae_encoder=vae_encoder, deep_cache=deep_cache)
     log(
         f"Exporting {type(pipe).__name__} to {output}: {shapes.batch_size} prompt(s) x "
         f"{shapes.num_images_per_prompt} image(s), {shapes.height}x{shapes.width}, "
@@ -169,7 +183,9 @@ def export_pipeline(
             chosen[spec.name] = spec_options.precision.auto_cast_type
             manifest["precision_choice"] = {**choice.to_dict(), "chosen": chosen[spec.name]}
             write_manifest(output / spec.name, spec.config, manifest)
-        if release_weights and spec.role in ("text_encoder", "unet"):
+        # The shallow step-caching graph, compiled after the UNet, runs the same UNet weights: freed after it.
+        last_use = ("text_encoder", "unet_deep_cache" if deep_cache else "unet")
+        if release_weights and spec.role in last_use:
             spec.module.to("meta")  # the VAE's encoder and decoder share one module: kept
         size = sum(record["bytes"] for record in manifest["files"].values())
         timings = manifest["timings"]

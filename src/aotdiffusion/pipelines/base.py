@@ -17,6 +17,7 @@ from diffusers import DiffusionPipeline
 
 from .. import artifact
 from ..export.compile import CompilerOptions
+from ..export.deep_cache import SHALLOW_COMPONENT
 from ..export.pipeline import COMPILED_ATTRIBUTES, default_shapes, export_pipeline, save_uncompiled_parts
 from ..export.precision import Precision
 from ..runtime import trusted
@@ -84,6 +85,7 @@ class AOTPipelineMixin:
         validate: bool = True,
         freezing: bool = True,
         vae_encoder: bool = True,
+        deep_cache: bool = False,
         unet_id: str | None = None,
         # input shapes
         batch_size: int | None = None,
@@ -117,6 +119,7 @@ class AOTPipelineMixin:
             pipeline_class=cls.__name__,
             validate=validate,
             vae_encoder=vae_encoder,
+            deep_cache=deep_cache,
             release_weights=True,
         )
 
@@ -164,7 +167,7 @@ class AOTPipelineMixin:
         for name in ("text_encoder", "text_encoder_2"):
             if name in compiled:
                 components[name] = AOTTextEncoder(compiled[name])
-        components["unet"] = AOTUNet(compiled["unet"])
+        components["unet"] = AOTUNet(compiled["unet"], shallow=compiled.get(SHALLOW_COMPONENT))
         components["vae"] = AOTAutoencoderKL(compiled["vae_decoder"], compiled.get("vae_encoder"))
         for name, part_class in saved_parts.items():
             components[name] = part_class.from_pretrained(folder / name)
@@ -288,12 +291,19 @@ class AOTPipelineMixin:
         return combine_outputs(self._replicas.map(requests), call.get("return_dict", True))
 
     # ----------------------------------------------------------------------------------- calling
-    def __call__(self, *args: Any, resize_images: bool = False, **kwargs: Any):
+    def __call__(self, *args: Any, resize_images: bool = False, cache_interval: int = 1, **kwargs: Any):
         """diffusers' ``__call__``, after checking the call against the compiled shapes.
 
         ``resize_images=True`` resizes an ``image``/``mask_image`` of another size to the compiled
         size; without it such an image is an error, never silently resized.
+        ``cache_interval=N`` (step caching, exports made with ``deep_cache=True``) runs the full UNet on
+        one step of every N and the shallow UNet over its cached deep feature on the others; 1 is off.
         """
+        if isinstance(cache_interval, bool) or not isinstance(cache_interval, int) or cache_interval < 1:
+            raise ValueError(
+                f"`cache_interval` is how many denoising steps share one full UNet pass: an integer >= 1 (1 = no "
+                f"caching, 3 is DeepCache's usual setting), got {cache_interval!r}."
+            )
         bound = inspect.signature(self.diffusers_class.__call__).bind(self, *args, **kwargs)
         bound.apply_defaults()
         call = dict(bound.arguments)
@@ -301,10 +311,12 @@ class AOTPipelineMixin:
         extra = call.pop("kwargs", {})
         if self._replicas is not None:
             call["resize_images"] = resize_images
+            call["cache_interval"] = cache_interval
             return self._call_replicas(call, extra)
         self.check_call(call)
         conform_images(call, self.static_shapes, self.vae_scale_factor, resize=resize_images)
-        return super().__call__(**call, **extra)
+        with self.unet.step_cache(cache_interval):
+            return super().__call__(**call, **extra)
 
     def check_call(self, call: dict[str, Any]) -> None:
         """Raises ``ValueError`` for any call the compiled shapes cannot serve; fills in height/width.

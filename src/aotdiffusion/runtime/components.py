@@ -7,6 +7,8 @@ answered here, and nothing else in the project imitates diffusers.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from types import SimpleNamespace
 from typing import Any
 
@@ -94,10 +96,13 @@ class AOTTextEncoder(AOTModelPart):
 
 
 class AOTUNet(AOTModelPart):
-    def __init__(self, compiled: CompiledComponent):
+    def __init__(self, compiled: CompiledComponent, shallow: CompiledComponent | None = None):
         super().__init__(compiled)
         # Replicas of this UNet in other processes that run the two guidance halves side by side.
         self.replicas = None
+        # Step caching: the shallow graph that reuses the full graph's deep feature (export --deep-cache).
+        self.shallow = shallow
+        self._cache_interval, self._step, self._feature = 1, 0, None
         in_features = compiled.static.get("add_embedding_in_features")
         if in_features is not None:  # SDXL validates its time ids against this
             self.add_embedding = SimpleNamespace(linear_1=SimpleNamespace(in_features=in_features))
@@ -105,6 +110,34 @@ class AOTUNet(AOTModelPart):
     @property
     def batch_size(self) -> int:
         return self.compiled.input_shape("sample")[0]
+
+    @contextmanager
+    def step_cache(self, interval: int) -> Iterator[None]:
+        """Within the block, runs the full UNet on one call of every ``interval`` and the shallow one between.
+
+        A pipeline calls its UNet once per denoising step, so the first step of every call is full.
+        """
+        if interval != 1 and self.shallow is None:
+            raise ValueError(
+                f"cache_interval={interval} reuses the UNet's deep features between steps, but this export has no "
+                "shallow UNet graph. Export again with --deep-cache (deep_cache=True), or call with cache_interval=1."
+            )
+        self._cache_interval, self._step, self._feature = interval, 0, None
+        try:
+            yield
+        finally:
+            self._cache_interval, self._step, self._feature = 1, 0, None
+
+    def _run(self, inputs: dict[str, torch.Tensor | None]) -> torch.Tensor:
+        if self.shallow is None:
+            return self.compiled(**inputs)["sample"]
+        if self._step % self._cache_interval == 0:
+            outputs = self.compiled(**inputs)
+            self._feature = outputs["deep_cache_feature"] if self._cache_interval > 1 else None
+        else:
+            outputs = self.shallow(**inputs, deep_cache_feature=self._feature)
+        self._step += 1
+        return outputs["sample"]
 
     def __call__(
         self,
@@ -146,7 +179,7 @@ class AOTUNet(AOTModelPart):
                 results = [self.compiled(**half) for half in halves]
             out = torch.cat([r["sample"] for r in results])
         else:
-            out = self.compiled(**inputs)["sample"]
+            out = self._run(inputs)
         return UNet2DConditionOutput(sample=out) if return_dict else (out,)
 
 
