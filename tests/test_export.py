@@ -224,3 +224,49 @@ def test_auto_type_compiles_the_fastest_measured_type_that_validates(eager_sd, t
     )
     image = load(tmp_path / "auto")("a cat", num_inference_steps=2, output_type="np").images[0]
     assert image.shape == (64, 64, 3) and np.isfinite(image).all()
+
+
+def _set_origin(folder, made_on):
+    index = json.loads((folder / "model_index.json").read_text())
+    if made_on is None:
+        index["aotdiffusion"].pop("exported_on")
+    else:
+        index["aotdiffusion"]["exported_on"] = made_on
+    (folder / "model_index.json").write_text(json.dumps(index))
+
+
+def test_an_export_from_elsewhere_needs_trust_remote_code(copy_of, load):
+    assert (
+        json.loads((copy_of / "model_index.json").read_text())["aotdiffusion"]["exported_on"] == artifact.machine_id()
+    )
+    for made_on, says in (("0123456789abcdef", "on another machine"), (None, "somewhere it does not record")):
+        _set_origin(copy_of, made_on)
+        with pytest.raises(artifact.ArtifactError, match=f"exported {says}.*trust_remote_code=True"):
+            load(copy_of)
+        assert load(copy_of, trust_remote_code=True).static_shapes.height == 64
+
+
+def test_a_hub_export_is_not_downloaded_without_trust(copy_of, load, monkeypatch):
+    import huggingface_hub
+
+    from aotdiffusion import AOTDiffusionPipeline
+
+    downloads = []
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda repo, **kw: downloads.append(repo) or copy_of)
+    for loader in (load, AOTDiffusionPipeline.from_pretrained):
+        with pytest.raises(artifact.ArtifactError, match="is a Hub repository: .*trust_remote_code=True"):
+            loader("someone/sd15-aot")
+    assert downloads == []
+    _set_origin(copy_of, "0123456789abcdef")  # as a download from elsewhere would be
+    assert load("someone/sd15-aot", trust_remote_code=True).static_shapes.width == 64
+    assert downloads == ["someone/sd15-aot"]
+
+
+def test_cli_needs_trust_remote_code_for_a_foreign_export(copy_of, tmp_path):
+    from conftest import cli
+
+    _set_origin(copy_of, "0123456789abcdef")
+    refused = cli("generate", str(copy_of), "a cat", "--steps", "2", "--output", str(tmp_path), check=False)
+    assert refused.returncode == 2 and "--trust-remote-code" in refused.stderr and not list(tmp_path.iterdir())
+    cli("generate", str(copy_of), "a cat", "--steps", "2", "--output", str(tmp_path), "--trust-remote-code")
+    assert (tmp_path / "seed0-0.png").is_file()

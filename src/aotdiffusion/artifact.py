@@ -98,6 +98,37 @@ def has_amx() -> bool:
     return flags is None or {"amx_tile", "amx_bf16"} <= flags
 
 
+def machine_id() -> str:
+    """A short, stable identifier of this machine, recorded in every export (not the raw machine id)."""
+    text = ""
+    for path in ("/etc/machine-id", "/var/lib/dbus/machine-id"):
+        try:
+            text = Path(path).read_text().strip()
+        except OSError:
+            continue
+        if text:
+            break
+    text = text or platform.node()
+    return hashlib.sha256(f"aotdiffusion:{text}".encode()).hexdigest()[:16]
+
+
+def check_origin(block: dict[str, Any], where: str | Path, trust_remote_code: bool) -> None:
+    """Refuses compiled code made elsewhere unless the caller opted in: loading it runs native code.
+
+    An export made on this machine loads as it is; one downloaded, copied from another machine, or
+    whose manifest does not say where it was made needs ``trust_remote_code=True``.
+    """
+    made_on = block.get("exported_on")
+    if trust_remote_code or made_on == machine_id():
+        return
+    origin = f"on another machine ({made_on})" if made_on else "somewhere it does not record"
+    raise ArtifactError(
+        f"{where} holds compiled native code that was exported {origin}; loading it runs that code with your "
+        "permissions. If you trust where it came from, pass trust_remote_code=True (CLI: --trust-remote-code); "
+        "otherwise export the model on this machine."
+    )
+
+
 def sha256_file(path: Path, chunk: int = 1 << 24) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:

@@ -89,6 +89,12 @@ def _parser() -> argparse.ArgumentParser:
     _flag(generate, "resize", action="store_true", help="resize --image/--mask-image to the compiled size")
     _flag(
         generate,
+        "trust-remote-code",
+        action="store_true",
+        help="load an export made on another machine or downloaded from the Hub (it runs its compiled code)",
+    )
+    _flag(
+        generate,
         "cache-interval",
         type=int,
         default=1,
@@ -180,7 +186,7 @@ def _generate(args: argparse.Namespace) -> None:
     from .pipelines.auto import FAMILIES, family_of, pipeline_class_for
     from .pipelines.base import _local_or_download
 
-    folder = _local_or_download(args.model, {})
+    folder = _local_or_download(args.model, {}, args.trust_remote_code)
     exported_cls = pipeline_class_for(folder, exported=True)
     cls = exported_cls
     if args.mask_image is not None and args.image is None:
@@ -190,7 +196,7 @@ def _generate(args: argparse.Namespace) -> None:
         cls = FAMILIES[task][2 if args.mask_image is not None else 1] or exported_cls
         if cls is exported_cls and exported_cls is FAMILIES[task][0]:
             raise ValueError(f"{exported_cls.__name__} exports do not take an input image (--image).")
-    pipe = cls.from_pretrained(folder)
+    pipe = cls.from_pretrained(folder, trust_remote_code=args.trust_remote_code)
     if args.scheduler:
         scheduler_cls = getattr(diffusers, args.scheduler, None)
         if scheduler_cls is None or not hasattr(scheduler_cls, "from_config"):

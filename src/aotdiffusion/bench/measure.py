@@ -111,8 +111,8 @@ def measure(config: dict[str, Any]) -> dict[str, Any]:
             for _ in range(interval):
                 pipe.unet(x["sample"], x["timestep"], **unet_kwargs, return_dict=False)
 
-    steps = timings(unet_steps, runs)
-    result["unet_step"] = {k: v / interval if k != "runs" else v for k, v in steps.items()}
+    per_interval = timings(unet_steps, runs)
+    result["unet_step"] = {k: v / interval if k != "runs" else v for k, v in per_interval.items()}
     result["vae_decode"] = timings(lambda: pipe.vae.decode(x["latents"], return_dict=False), runs)
     images = []
     result["end_to_end"] = timings(lambda: images.append(image()), config["e2e_runs"], warmup=0)

@@ -147,6 +147,15 @@ def _runner(op: Op, dtype: torch.dtype, device: str) -> Callable[[], Any]:
     if op.kind == "linear":
         (m, k), (_, n) = op.shapes
         x, w = rand(m, k), rand(n, k)
+        if device == "cpu" and torch.backends.mkldnn.is_available():
+            # AOTInductor's frozen linears are oneDNN's prepacked `_linear_pointwise` in every type, fp32
+            # included (eager fp32 goes through MKL instead, which is several times slower on some AMD CPUs).
+            try:
+                packed = torch.ops.mkldnn._reorder_linear_weight(w, m)
+                torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
+                return lambda: torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
+            except RuntimeError:  # a type this oneDNN build has no linear for: what eager runs instead
+                pass
         return lambda: F.linear(x, w)
     if op.kind == "bmm":
         a_shape, b_shape = op.shapes

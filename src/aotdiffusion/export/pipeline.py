@@ -281,6 +281,7 @@ def _write_model_index(
         "precision": {**options.precision.to_dict(), **({"chosen": chosen} if chosen else {})},
         "device": options.device,
         "versions": artifact.environment_versions(),
+        "exported_on": artifact.machine_id(),
     }
     artifact.write_json(output / artifact.MODEL_INDEX_FILE, index)
 

@@ -88,8 +88,9 @@ class AOTDiffusionPipeline:
     def from_pretrained(cls, pretrained_model_name_or_path: str | Path, *, export: bool = False, **kwargs: Any):
         hub = {k: kwargs[k] for k in ("revision", "token", "cache_dir", "local_files_only") if k in kwargs}
         if not export and not Path(pretrained_model_name_or_path).is_dir():
-            from huggingface_hub import snapshot_download
+            from .base import _local_or_download
 
-            pretrained_model_name_or_path = snapshot_download(str(pretrained_model_name_or_path), **hub)
+            trusted = kwargs.get("trust_remote_code", False)
+            pretrained_model_name_or_path = _local_or_download(pretrained_model_name_or_path, hub, trusted)
         pipeline_cls = pipeline_class_for(pretrained_model_name_or_path, exported=not export, **hub)
         return pipeline_cls.from_pretrained(pretrained_model_name_or_path, export=export, **kwargs)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import inspect
 import shutil
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +42,7 @@ class AOTPipelineMixin:
         export: bool = False,
         device: str | None = None,
         verify_checksums: bool = False,
+        trust_remote_code: bool = False,
         data_parallel_mode: str = "none",
         devices: list | None = None,
         export_dir: str | Path | None = None,
@@ -52,6 +54,8 @@ class AOTPipelineMixin:
         the keyword arguments go to the Hub (``revision``, ``token``, ``cache_dir``...). With ``export``
         they are :meth:`export`'s compiler arguments and input shapes; the export is written to
         ``export_dir`` (a temporary folder when left out: ``save_pretrained`` keeps it).
+        ``trust_remote_code=True`` is needed to load compiled code that was not exported on this
+        machine (a Hub repository, a copied folder): loading it runs that native code.
         """
         if not export:
             export_only = sorted(set(export_kwargs) & set(inspect.signature(cls.export).parameters))
@@ -60,8 +64,10 @@ class AOTPipelineMixin:
                     f"{export_only} are export arguments, but export=False loads an existing export as it was "
                     "compiled. Pass export=True to compile with them."
                 )
-            folder = _local_or_download(pretrained_model_name_or_path, export_kwargs)
-            pipe = cls._from_exported(folder, device=device, verify_checksums=verify_checksums)
+            folder = _local_or_download(pretrained_model_name_or_path, export_kwargs, trust_remote_code)
+            pipe = cls._from_exported(
+                folder, device=device, verify_checksums=verify_checksums, trust_remote_code=trust_remote_code
+            )
             return pipe.enable_data_parallel(data_parallel_mode, devices)
         tmp = None
         if export_dir is None:
@@ -147,8 +153,16 @@ class AOTPipelineMixin:
         return pipe
 
     @classmethod
-    def _from_exported(cls, folder: Path, *, device: str | None = None, verify_checksums: bool = False):
+    def _from_exported(
+        cls,
+        folder: Path,
+        *,
+        device: str | None = None,
+        verify_checksums: bool = False,
+        trust_remote_code: bool = False,
+    ):
         index, block = artifact.read_pipeline_index(folder)
+        artifact.check_origin(block, folder, trust_remote_code)
         # Every class the index names is checked before anything (compiled code included) is loaded.
         saved_parts = {
             name: trusted.saved_part_class(*entry, where=f"{folder / artifact.MODEL_INDEX_FILE} ({name})")
@@ -188,6 +202,9 @@ class AOTPipelineMixin:
         pipe._artifact_dir = folder
         pipe._export_tmpdir = None
         pipe._replicas = None
+        # diffusers' pipelines keep per-call state on themselves and their scheduler (timesteps, guidance
+        # scale, step index): concurrent calls from threads would mix it, so calls take turns.
+        pipe._call_lock = threading.Lock()
         pipe.static_shapes = PipelineShapes.from_dict(block["shapes"])
         pipe.compiled_device = torch.device(device or block["device"])
         return pipe
@@ -309,14 +326,15 @@ class AOTPipelineMixin:
         call = dict(bound.arguments)
         call.pop("self")
         extra = call.pop("kwargs", {})
-        if self._replicas is not None:
-            call["resize_images"] = resize_images
-            call["cache_interval"] = cache_interval
-            return self._call_replicas(call, extra)
-        self.check_call(call)
-        conform_images(call, self.static_shapes, self.vae_scale_factor, resize=resize_images)
-        with self.unet.step_cache(cache_interval):
-            return super().__call__(**call, **extra)
+        with self._call_lock:
+            if self._replicas is not None:
+                call["resize_images"] = resize_images
+                call["cache_interval"] = cache_interval
+                return self._call_replicas(call, extra)
+            self.check_call(call)
+            conform_images(call, self.static_shapes, self.vae_scale_factor, resize=resize_images)
+            with self.unet.step_cache(cache_interval):
+                return super().__call__(**call, **extra)
 
     def check_call(self, call: dict[str, Any]) -> None:
         """Raises ``ValueError`` for any call the compiled shapes cannot serve; fills in height/width.
@@ -375,12 +393,17 @@ def _prompt_batch(call: dict[str, Any]) -> int | None:
     return embeds.shape[0] if embeds is not None else None
 
 
-def _local_or_download(model: str | Path, hub_kwargs: dict[str, Any]) -> Path:
+def _local_or_download(model: str | Path, hub_kwargs: dict[str, Any], trust_remote_code: bool = False) -> Path:
     path = Path(model)
     if path.is_dir():
         return path
     if path.exists() or str(model).startswith((".", "/")):
         raise FileNotFoundError(f"{model} is not a folder with an exported pipeline.")
+    if not trust_remote_code:  # refused before anything is downloaded
+        raise artifact.ArtifactError(
+            f"{model} is a Hub repository: an export holds compiled native code, and loading it runs that code "
+            "with your permissions. If you trust it, pass trust_remote_code=True (CLI: --trust-remote-code)."
+        )
     from huggingface_hub import snapshot_download
 
     return Path(snapshot_download(str(model), **hub_kwargs))

@@ -54,7 +54,8 @@ def _load(folder: str, class_name: str | None, device: str | None):
         return lambda request: component(**request)
     from ..pipelines.auto import PIPELINES
 
-    pipe = PIPELINES[class_name].from_pretrained(folder, device=device)
+    # The parent process loaded this export first and made the trust decision (trust_remote_code) then.
+    pipe = PIPELINES[class_name].from_pretrained(folder, device=device, trust_remote_code=True)
     pipe.set_progress_bar_config(disable=True)
     return lambda request: _run(pipe, **request)
 
