@@ -16,18 +16,19 @@ from aotdiffusion.export.precision import Precision
 from aotdiffusion.export.validate import ValidationError
 
 
-def test_validation_catches_a_corrupted_component(eager_sd, tmp_path):
-    def compile_corrupted(spec, options, folder):
-        # Compile a copy whose first weight is perturbed: the artifact no longer computes the model.
-        module = spec.module
-        spec.module = __import__("copy").deepcopy(module)
-        with torch.no_grad():
-            next(spec.module.parameters()).add_(0.5)
-        try:
-            return compile_component(spec, options, folder)
-        finally:
-            spec.module = module
+def compile_corrupted(spec, options, folder):
+    """Compiles a copy whose first weight is perturbed: the artifact no longer computes the model."""
+    module = spec.module
+    spec.module = __import__("copy").deepcopy(module)
+    with torch.no_grad():
+        next(spec.module.parameters()).add_(0.5)
+    try:
+        return compile_component(spec, options, folder)
+    finally:
+        spec.module = module
 
+
+def test_validation_catches_a_corrupted_component(eager_sd, tmp_path):
     shapes = default_shapes(eager_sd, height=64, width=64)
     with pytest.raises(ValidationError, match=r"text_encoder does not match eager PyTorch: .*relative error .* > "):
         export_pipeline(
@@ -186,14 +187,7 @@ def test_auto_type_compiles_the_fastest_measured_type_that_validates(eager_sd, t
         # The text encoder's first (fastest) choice compiles a perturbed copy, so its validation fails.
         if spec.name == "text_encoder" and not broken:
             broken.append(options.precision.auto_cast_type)
-            original = spec.module
-            spec.module = __import__("copy").deepcopy(original)
-            with torch.no_grad():
-                next(spec.module.parameters()).add_(0.5)
-            try:
-                return compile_component(spec, options, folder)
-            finally:
-                spec.module = original
+            return compile_corrupted(spec, options, folder)
         return compile_component(spec, options, folder)
 
     broken, lines = [], []

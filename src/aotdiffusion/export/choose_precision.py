@@ -213,7 +213,7 @@ def choose(spec: ComponentSpec, device: str) -> Choice:
                 spent[name] += count * _seconds(_runner(op, _DTYPES[name], device), device)
                 flops_timed[name] += op.flops * count
             best = min(spent[name] for name in racing)
-            if position >= 1:
+            if 1 <= position < len(selected) - 1:
                 racing = [name for name in racing if spent[name] <= _DROP_RATIO * best]
     seconds = {name: spent[name] * covered / flops_timed[name] for name in names}
     early = {name: f"{seconds[name] / min(seconds.values()):.1f}x slower" for name in names if name not in racing}
