@@ -260,7 +260,8 @@ def test_cli_needs_trust_remote_code_for_a_foreign_export(copy_of, tmp_path):
     from conftest import cli
 
     _set_origin(copy_of, "0123456789abcdef")
-    refused = cli("generate", str(copy_of), "a cat", "--steps", "2", "--output", str(tmp_path), check=False)
-    assert refused.returncode == 2 and "--trust-remote-code" in refused.stderr and not list(tmp_path.iterdir())
-    cli("generate", str(copy_of), "a cat", "--steps", "2", "--output", str(tmp_path), "--trust-remote-code")
-    assert (tmp_path / "seed0-0.png").is_file()
+    images = tmp_path / "images"
+    refused = cli("generate", str(copy_of), "a cat", "--steps", "2", "--output", str(images), check=False)
+    assert refused.returncode == 2 and "--trust-remote-code" in refused.stderr and not images.exists()
+    cli("generate", str(copy_of), "a cat", "--steps", "2", "--output", str(images), "--trust-remote-code")
+    assert (images / "seed0-0.png").is_file()
