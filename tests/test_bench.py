@@ -10,10 +10,11 @@ from conftest import cli
 from aotdiffusion.bench.variants import VARIANTS
 
 
-def test_bench_quick_runs_every_variant_side_by_side(tiny_sd, sd_deep_cache, tmp_path):
+def test_bench_quick_runs_every_variant_side_by_side(tiny_sd, sd_deep_cache, sd_int8, tmp_path):
     out = tmp_path / "bench"
     variants = ",".join(VARIANTS)
-    args = ["--quick", "--model", str(tiny_sd), "--aot-dir", str(sd_deep_cache), "--variants", variants, str(out)]
+    args = ["--quick", "--model", str(tiny_sd), "--aot-dir", str(sd_deep_cache), "--aot-int8-dir", str(sd_int8),
+            "--variants", variants, str(out)]  # fmt: skip
     result = cli("bench", *args)
     report = json.loads((out / "results.json").read_text())
     results = report["results"]
@@ -37,7 +38,10 @@ def test_bench_quick_runs_every_variant_side_by_side(tiny_sd, sd_deep_cache, tmp
     for interval in (2, 3, 5):
         r = results[f"aotdiffusion-cache{interval}"]
         assert r["precision"] == f"float32, cache interval {interval}" and 10 < psnr[f"aotdiffusion-cache{interval}"]
-    assert "with step caching: end-to-end at least 2x faster than the fastest peer" in result.stdout
+    assert results["aotdiffusion-int8"]["precision"].startswith("int8 conv/linear")
+    assert results["aotdiffusion-int8-cache3"]["precision"].endswith("cache interval 3")
+    assert 20 < psnr["aotdiffusion-int8"] < psnr["aotdiffusion"], psnr
+    assert "with the opt-in levers: end-to-end at least 2x faster than the fastest peer" in result.stdout
 
     # Loading an export compiles nothing; torch.compile compiles in every new process.
     assert results["aotdiffusion"]["cold_start_s"] < results["compile-bf16"]["cold_start_s"]

@@ -71,6 +71,14 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="also compile the shallow UNet for step caching (generate --cache-interval N)",
     )
+    _flag(
+        export,
+        "quantize",
+        default="none",
+        choices=["none", "int8"],
+        help="int8: the UNet's convolutions and linears in int8 (torchao, calibrated on built-in prompts; needs "
+        "the int8 extra), kept only where timing shows it faster than the float type",
+    )
     _flag(export, "unet", help="hub id or folder of a UNet that replaces the model's before compiling")
     _flag(export, "revision", help="hub revision of --model")
 
@@ -125,6 +133,7 @@ def _parser() -> argparse.ArgumentParser:
     _flag(bench, "e2e-runs", type=int, default=2, help="timed end-to-end images, after the cold first one")
     _flag(bench, "variants", default=",".join(DEFAULT_VARIANTS), help=f"comma-separated: {', '.join(VARIANTS)}")
     _flag(bench, "aot-dir", help="reuse this export (else exported into the output folder first)")
+    _flag(bench, "aot-int8-dir", help="the int8 variants' export (--quantize int8); default: AOT_DIR-int8")
     _flag(
         bench,
         "auto-cast",
@@ -165,6 +174,7 @@ def _export(args: argparse.Namespace) -> None:
         validate=not args.disable_validation,
         vae_encoder=not args.no_vae_encoder,
         deep_cache=args.deep_cache,
+        quantize=args.quantize,
         unet_id=args.unet,
         batch_size=args.batch_size,
         height=args.height,
@@ -259,6 +269,7 @@ def _bench(args: argparse.Namespace) -> None:
         e2e_runs=args.e2e_runs,
         variants=tuple(v.strip() for v in args.variants.split(",") if v.strip()),
         aot_dir=args.aot_dir,
+        aot_int8_dir=args.aot_int8_dir,
         auto_cast=args.auto_cast,
         compile_mode=args.compile_mode,
         output_dir=str(args.output),

@@ -16,17 +16,28 @@ VARIANTS = {
     "compile-fp32": "the same torch.compile recipe in fp32",
     "openvino": "OpenVINO as optimum-intel runs it: convert_model, static shapes, default precision hint",
     "openvino-fp32": "OpenVINO with the f32 precision hint",
+    "openvino-int8": "OpenVINO, the UNet in NNCF's hybrid int8 as optimum-intel quantizes Stable Diffusion",
     "aotdiffusion": "aotdiffusion: the exported artifact, loaded without compiling",
     # Step caching (DeepCache): the export's shallow UNet on N-1 of every N steps (exported with --deep-cache).
     "aotdiffusion-cache2": "aotdiffusion with step caching, a full UNet pass every 2nd step",
     "aotdiffusion-cache3": "aotdiffusion with step caching, a full UNet pass every 3rd step",
     "aotdiffusion-cache5": "aotdiffusion with step caching, a full UNet pass every 5th step",
+    # int8 (export --quantize int8): a second export, the UNet's convolutions and linears in int8.
+    "aotdiffusion-int8": "aotdiffusion with the UNet in int8 (export --quantize int8)",
+    "aotdiffusion-int8-cache3": "aotdiffusion int8 with step caching, a full UNet pass every 3rd step",
+    "aotdiffusion-int8-cache5": "aotdiffusion int8 with step caching, a full UNet pass every 5th step",
 }
 
 
 def cache_interval(variant: str) -> int:
     """The step-caching interval a variant calls its pipeline with (1: none)."""
-    return int(variant.removeprefix("aotdiffusion-cache")) if variant.startswith("aotdiffusion-cache") else 1
+    _, _, interval = variant.partition("-cache")
+    return int(interval) if variant.startswith("aotdiffusion") and interval else 1
+
+
+def is_int8(variant: str) -> bool:
+    """Whether a variant runs the int8 export (``--quantize int8``) instead of the float one."""
+    return variant.startswith("aotdiffusion-int8")
 
 
 DEFAULT_VARIANTS = ("eager-fp32", "eager-bf16", "compile-bf16", "openvino", "aotdiffusion")
@@ -61,7 +72,7 @@ def build(variant: str, options: BuildOptions) -> tuple[Any, str]:
         _compile(pipe, options.compile_mode)
         return pipe, str(dtype).removeprefix("torch.")
     if variant.startswith("openvino"):
-        return _openvino(pipe, options, "f32" if variant == "openvino-fp32" else None)
+        return _openvino(pipe, options, "f32" if variant == "openvino-fp32" else None, int8=variant == "openvino-int8")
     return pipe, str(dtype).removeprefix("torch.")
 
 
@@ -88,7 +99,7 @@ def _compile(pipe: Any, mode: str | None) -> None:
     pipe.vae.decode = torch.compile(pipe.vae.decode, mode=mode, fullgraph=True)
 
 
-def _openvino(pipe: Any, options: BuildOptions, hint: str | None) -> tuple[Any, str]:
+def _openvino(pipe: Any, options: BuildOptions, hint: str | None, *, int8: bool = False) -> tuple[Any, str]:
     import gc
     import inspect
 
@@ -96,8 +107,9 @@ def _openvino(pipe: Any, options: BuildOptions, hint: str | None) -> tuple[Any, 
     from .openvino import openvino_parts
 
     shapes = default_shapes(pipe, height=options.height, width=options.width)
-    parts = openvino_parts(pipe, shapes, precision_hint=hint)
-    precision = parts["unet"].compiled.precision
+    pipe.set_progress_bar_config(disable=True)  # the int8 calibration runs it
+    parts = openvino_parts(pipe, shapes, precision_hint=hint, int8_unet=int8)
+    precision = parts["unet"].compiled.precision + (", UNet hybrid int8" if int8 else "")
     cls, components = type(pipe), {**pipe.components, **parts}
     if "requires_safety_checker" in inspect.signature(cls.__init__).parameters:
         components["requires_safety_checker"] = False
@@ -109,6 +121,9 @@ def _openvino(pipe: Any, options: BuildOptions, hint: str | None) -> tuple[Any, 
 
 def _aot_precision(pipe: Any) -> str:
     manifest = pipe.unet.compiled.manifest
+    quantization = manifest.get("quantization")
+    if quantization:
+        return f"int8 conv/linear ({quantization['activation_bits']}-bit activations), rest fp32"
     precision, measured = manifest["precision"], " (measured)" if "precision_choice" in manifest else ""
     if precision.get("auto_cast") in (None, "none") or precision["auto_cast_type"] == "fp32":
         return "float32" + measured

@@ -26,6 +26,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from .components import ComponentSpec
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# `--quantize int8` (export/quantize.py) adds this candidate for the UNet: convolutions and linears in
+# oneDNN's int8 kernels, everything else (attention among it) in fp32.
+INT8 = "int8"
 # The shapes timed per component: the largest ones until this share of the component's FLOPs (at
 # most _MAX_SHAPES of them), which keeps the measurement to seconds on a full-size UNet.
 _FLOP_SHARE = 0.6
@@ -131,8 +134,43 @@ def dominant_ops(spec: ComponentSpec) -> tuple[list[tuple[Op, int]], int]:
     return ops, sum(op.flops * count for op, count in ops)
 
 
-def _runner(op: Op, dtype: torch.dtype, device: str) -> Callable[[], Any]:
-    """A call of ``op`` in ``dtype`` on random data, laid out as the compiled graph runs it."""
+def _int8_runner(op: Op) -> Callable[[], Any] | None:
+    """A call of ``op`` through the oneDNN int8 kernel the quantized graph calls (u8 activations, s8
+    weights prepacked, fp32 out); None for operations that stay fp32 in an int8 graph."""
+    gen = torch.Generator().manual_seed(0)
+    if op.kind == "conv":
+        x_shape, w_shape, stride, padding, dilation, groups = op.shapes
+        x = torch.randint(0, 256, x_shape, generator=gen, dtype=torch.uint8).contiguous(
+            memory_format=torch.channels_last
+        )
+        w = torch.randint(-128, 128, w_shape, generator=gen, dtype=torch.int8).contiguous(
+            memory_format=torch.channels_last
+        )
+        scales, zeros = torch.full((w_shape[0],), 0.01), torch.zeros(w_shape[0], dtype=torch.int64)
+        conv = (list(stride), list(padding), list(dilation), groups)
+        packed = torch.ops.onednn.qconv_prepack(w, scales, 0.02, 128, *conv, list(x_shape))
+        return lambda: torch.ops.onednn.qconv_pointwise(
+            x, 0.02, 128, packed, scales, zeros, None, *conv, 1.0, 0, torch.float32, "none", [], ""
+        )
+    if op.kind == "linear":
+        (m, k), (_, n) = op.shapes
+        x = torch.randint(0, 256, (m, k), generator=gen, dtype=torch.uint8)
+        w = torch.randint(-128, 128, (n, k), generator=gen, dtype=torch.int8)
+        scales, zeros = torch.full((n,), 0.01), torch.zeros(n, dtype=torch.int64)
+        packed = torch.ops.onednn.qlinear_prepack(w, [m, k])
+        return lambda: torch.ops.onednn.qlinear_pointwise(
+            x, 0.02, 128, packed, scales, zeros, None, 1.0, 0, torch.float32, "none", [], ""
+        )
+    return None
+
+
+def _runner(op: Op, dtype: torch.dtype | str, device: str) -> Callable[[], Any]:
+    """A call of ``op`` in ``dtype`` (or ``int8``) on random data, laid out as the compiled graph runs it."""
+    if dtype == INT8:
+        int8 = _int8_runner(op)
+        if int8 is not None:
+            return int8
+        dtype = torch.float32
     gen = torch.Generator().manual_seed(0)
 
     def rand(*shape: int) -> torch.Tensor:
@@ -143,6 +181,16 @@ def _runner(op: Op, dtype: torch.dtype, device: str) -> Callable[[], Any]:
         # The compiled convolutions run channels-last (oneDNN's `acdb`), so that is what is timed.
         x = rand(*x_shape).to(memory_format=torch.channels_last)
         w = rand(*w_shape).to(memory_format=torch.channels_last)
+        if device == "cpu" and torch.backends.mkldnn.is_available():
+            # Frozen, their weights are prepacked once; eager F.conv2d reorders them on every call (+30%
+            # on a 1280-channel 3x3 convolution at 16x16 on an AVX2 CPU), which would flatter int8.
+            conv = (list(stride), list(padding), list(dilation), groups)
+            try:
+                packed = torch.ops.mkldnn._reorder_convolution_weight(w, *conv, list(x_shape))
+                torch.ops.mkldnn._convolution_pointwise(x, packed, None, *conv, "none", [], "")
+                return lambda: torch.ops.mkldnn._convolution_pointwise(x, packed, None, *conv, "none", [], "")
+            except RuntimeError:  # a type this oneDNN build has no convolution for: what eager runs instead
+                pass
         return lambda: F.conv2d(x, w, None, stride, padding, dilation, groups)
     if op.kind == "linear":
         (m, k), (_, n) = op.shapes
@@ -180,20 +228,25 @@ def _seconds(fn: Callable[[], Any], device: str, budget: float = 0.5) -> float:
     return statistics.median(samples)
 
 
-def candidates(spec: ComponentSpec) -> tuple[list[str], dict[str, str]]:
-    """The types worth timing for ``spec`` and, for each left out, why."""
+def candidates(spec: ComponentSpec, *, int8: bool = False, only: str | None = None) -> tuple[list[str], dict[str, str]]:
+    """The types worth timing for ``spec`` and, for each left out, why.
+
+    ``int8`` adds the int8 candidate; ``only`` is the one float type the user asked for (else all).
+    """
     skipped = {}
-    names = list(_DTYPES)
-    if spec.role in ("vae_encoder", "vae_decoder") and spec.config.get("force_upcast"):
+    names = [only] if only else list(_DTYPES)
+    if "fp16" in names and spec.role in ("vae_encoder", "vae_decoder") and spec.config.get("force_upcast"):
         # The SDXL VAE overflows in fp16 (NaN images): never a candidate however fast.
         skipped["fp16"] = "its config sets force_upcast (diffusers runs it in fp32: fp16 overflows)"
         names.remove("fp16")
+    if int8:
+        names.append(INT8)
     return names, skipped
 
 
-def choose(spec: ComponentSpec, device: str) -> Choice:
-    """Ranks the candidate types of ``spec`` on this machine, fastest first."""
-    names, skipped = candidates(spec)
+def choose(spec: ComponentSpec, device: str, *, int8: bool = False, only: str | None = None) -> Choice:
+    """Ranks the candidate types of ``spec`` on this machine, fastest first (see :func:`candidates`)."""
+    names, skipped = candidates(spec, int8=int8, only=only)
     ops, total = dominant_ops(spec)
     selected, covered = [], 0
     for op, count in ops:
@@ -210,7 +263,7 @@ def choose(spec: ComponentSpec, device: str) -> Choice:
     with torch.no_grad():
         for position, (op, count) in enumerate(selected):
             for name in racing:
-                spent[name] += count * _seconds(_runner(op, _DTYPES[name], device), device)
+                spent[name] += count * _seconds(_runner(op, _DTYPES.get(name, name), device), device)
                 flops_timed[name] += op.flops * count
             best = min(spent[name] for name in racing)
             if 1 <= position < len(selected) - 1:

@@ -13,6 +13,7 @@ from safetensors.torch import save_file
 from .. import artifact
 from .components import ComponentSpec
 from .precision import Precision, PrecisionWrapper, full_precision_matmuls, low_precision_weights
+from .quantize import QUANTIZE_MODES, int8_kernels, quantize_program, quiet_int8_lowering, reduce_range
 
 
 @dataclass(frozen=True)
@@ -28,12 +29,24 @@ class CompilerOptions:
     # Fold weight-only computation (e.g. the bf16 casts of fp32 weights) into constants at compile
     # time instead of repeating it on every call.
     freezing: bool = True
+    # "int8": this component's convolutions and linears run in int8 (export/quantize.py).
+    quantize: str = "none"
+
+    def __post_init__(self) -> None:
+        if self.quantize not in QUANTIZE_MODES:
+            raise ValueError(f"`quantize` must be one of {QUANTIZE_MODES}, got {self.quantize!r}.")
+        if self.quantize == "int8" and not self.freezing:
+            # Without freezing the quantize/dequantize pairs are never fused into int8 kernels (pytorch/ao #4566).
+            raise ValueError("int8 quantization needs freezing: drop freezing=False or --quantize int8.")
+        if self.quantize == "int8" and self.device != "cpu":
+            raise ValueError(f"--quantize int8 runs oneDNN's int8 CPU kernels; it cannot compile for {self.device}.")
 
     def inductor_configs(self) -> dict[str, Any]:
         return {"freezing": self.freezing}
 
     def to_dict(self) -> dict[str, Any]:
-        return {"device": self.device, **self.precision.to_dict(), "inductor": self.inductor_configs()}
+        quantize = {"quantize": self.quantize} if self.quantize != "none" else {}
+        return {"device": self.device, **self.precision.to_dict(), **quantize, "inductor": self.inductor_configs()}
 
 
 class ExportError(RuntimeError):
@@ -65,13 +78,25 @@ def compile_component(spec: ComponentSpec, options: CompilerOptions, folder: Pat
     folder.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     package = folder / artifact.PACKAGE_FILE
+    quantization = None
     with low_precision_weights(spec.module, options.precision):
         program = trace(spec, options)
+        if options.quantize == "int8":
+            seven_bit = reduce_range()
+            program, spec.calibration_outputs = quantize_program(program, spec.calibration, seven_bit=seven_bit)
+            quantization = {
+                "type": "int8",
+                "method": "torchao PT2E X86InductorQuantizer: static u8 activations per tensor, s8 weights per "
+                "channel, convolutions and linears",
+                "activation_bits": 7 if seven_bit else 8,
+                "calibration_calls": len(spec.calibration) - 1,
+                "validated_on": "one recorded call held out of calibration",
+            }
         traced = time.perf_counter()
         # Inductor only freezes (folds constants, prepacks conv/linear weights for oneDNN) when
         # grad mode is off; with grad on it silently skips all of it.
         try:
-            with torch.no_grad():
+            with torch.no_grad(), quiet_int8_lowering():
                 torch._inductor.aoti_compile_and_package(
                     program, package_path=str(package), inductor_configs=options.inductor_configs()
                 )
@@ -79,6 +104,14 @@ def compile_component(spec: ComponentSpec, options: CompilerOptions, folder: Pat
             raise ExportError(f"AOTInductor failed to compile {spec.name}: {error}") from error
         del program
     compiled = time.perf_counter()
+    if quantization is not None:
+        kernels = int8_kernels(package)
+        if not kernels:
+            raise ExportError(
+                f"{spec.name}: the int8 graph compiled to fp32 kernels (no oneDNN qconv/qlinear in its code); "
+                "this torch build cannot run it in int8. Export without --quantize."
+            )
+        quantization["kernels"] = kernels
 
     files = {artifact.PACKAGE_FILE: artifact.file_record(package)}
     extra = {}
@@ -101,6 +134,7 @@ def compile_component(spec: ComponentSpec, options: CompilerOptions, folder: Pat
         "cpu_isa": isa,
         "cpu_flags": artifact.required_cpu_flags(isa) if options.device == "cpu" else [],
         "precision": options.precision.to_dict(),
+        "quantization": quantization,
         "compiler": {"backend": "torch.export+aotinductor", **options.to_dict()},
         "versions": artifact.environment_versions(),
         "static": spec.static,

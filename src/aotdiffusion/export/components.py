@@ -29,6 +29,10 @@ class ComponentSpec:
     static: dict[str, Any] = field(default_factory=dict)
     # Small eager pieces diffusers calls directly (e.g. CLIP's final LayerNorm for clip_skip).
     extra_state: dict[str, torch.nn.Module] = field(default_factory=dict)
+    # int8 only: the inputs the observers see (recorded from the eager pipeline), and what the graph
+    # returned for them (filled in by the compile).
+    calibration: list[dict[str, torch.Tensor]] = field(default_factory=list)
+    calibration_outputs: list[tuple[torch.Tensor, ...]] = field(default_factory=list)
 
     def example_inputs(self, seed: int = 0) -> dict[str, torch.Tensor]:
         return self.make_inputs(torch.Generator().manual_seed(seed))

@@ -19,11 +19,19 @@ from diffusers import DiffusionPipeline
 from .. import artifact
 from ..runtime.compiled import CompiledComponent
 from ..shapes import PipelineShapes
-from .choose_precision import choose
+from .choose_precision import INT8, choose
 from .compile import CompilerOptions, compile_component, write_manifest
 from .components import ComponentSpec, text_encoder_spec, unet_spec, vae_decoder_spec, vae_encoder_spec
-from .deep_cache import deep_cache_specs
+from .deep_cache import FEATURE, deep_cache_specs
 from .precision import Precision
+from .quantize import (
+    CALIBRATION_PROMPTS,
+    CALIBRATION_STEPS,
+    INT8_TOLERANCE,
+    QUANTIZED_ROLES,
+    held_out,
+    record_unet_inputs,
+)
 from .validate import ValidationError, ValidationReport, validate_component
 
 # Pipeline attributes that are compiled; everything else (scheduler, tokenizers, feature extractor)
@@ -163,24 +171,43 @@ def export_pipeline(
         f"guidance batch {'on' if shapes.classifier_free_guidance else 'off'}, {options.precision.describe()} "
         f"on {options.device}"
     )
+    int8 = options.quantize == "int8"
+    if int8:
+        unet = next(spec for spec in specs if spec.role == "unet")
+        log(
+            f"Recording int8 calibration inputs: the eager pipeline on {len(CALIBRATION_PROMPTS)} built-in prompts, "
+            f"{CALIBRATION_STEPS} steps each"
+        )
+        with _heartbeat(log, "calibration"):
+            unet.calibration = record_unet_inputs(pipe, list(unet.example_inputs()), shapes)
     results = []
     chosen: dict[str, str] = {}
     for i, spec in enumerate(specs, 1):
         step = f"[{i}/{len(specs)}] {spec.name}"
+        # The shallow step-caching graph is int8 only with its full UNet, whose calibration outputs hold its feature.
+        quantizable = int8 and spec.role in QUANTIZED_ROLES and (spec.role == "unet" or chosen.get("unet") == INT8)
+        if quantizable and spec.role != "unet":
+            spec.calibration = _shallow_calibration(next(s for s in specs if s.role == "unet"))
         choice = None
-        tries = [options]
-        if options.precision.is_auto:
-            log(f"{step}: timing fp32/bf16/fp16 on this {options.device} to choose its type")
-            choice = choose(spec, options.device)
+        tries = [replace(options, quantize="none")]
+        if options.precision.is_auto or quantizable:
+            only = None  # auto: every float type; else int8 is timed against the one the user asked for
+            if not options.precision.is_auto:
+                only = "fp32" if options.precision.auto_cast == "none" else options.precision.auto_cast_type
+            timed = " against int8" if quantizable else ""
+            log(f"{step}: timing {only or 'fp32/bf16/fp16'}{timed} on this {options.device} to choose its type")
+            choice = choose(spec, options.device, int8=quantizable, only=only)
             log(f"{step}: {choice.describe()}")
-            tries = [replace(options, precision=options.precision.resolved(name)) for name in choice.ranked]
+            if quantizable and choice.ranked[0] != INT8:
+                log(f"{step}: int8 is not faster than {choice.ranked[0]} on this {options.device}: not quantized")
+            tries = [_options_for(options, name) for name in choice.ranked]
         for attempt, spec_options in enumerate(tries):
             manifest, report = _compile_and_validate(spec, spec_options, output / spec.name, step, validate, log,
                                                      compile_fn, last=attempt == len(tries) - 1)  # fmt: skip
             if manifest is not None:
                 break
         if choice is not None:
-            chosen[spec.name] = spec_options.precision.auto_cast_type
+            chosen[spec.name] = INT8 if spec_options.quantize == INT8 else spec_options.precision.auto_cast_type
             manifest["precision_choice"] = {**choice.to_dict(), "chosen": chosen[spec.name]}
             write_manifest(output / spec.name, spec.config, manifest)
         # The shallow step-caching graph, compiled after the UNet, runs the same UNet weights: freed after it.
@@ -200,6 +227,19 @@ def export_pipeline(
     return results
 
 
+def _options_for(options: CompilerOptions, candidate: str) -> CompilerOptions:
+    """The compiler options of one measured candidate: int8 keeps everything it does not quantize in fp32."""
+    if candidate == INT8:
+        return replace(options, precision=Precision("none", "fp32"), quantize=INT8)
+    return replace(options, precision=options.precision.resolved(candidate), quantize="none")
+
+
+def _shallow_calibration(full: ComponentSpec) -> list[dict[str, torch.Tensor]]:
+    """The step-caching graph's calibration: the full UNet's inputs plus the deep feature it returned for them."""
+    index = full.output_names.index(FEATURE)
+    return [{**inputs, FEATURE: outputs[index]} for inputs, outputs in zip(full.calibration, full.calibration_outputs)]
+
+
 def _compile_and_validate(
     spec: ComponentSpec,
     options: CompilerOptions,
@@ -213,7 +253,9 @@ def _compile_and_validate(
 ) -> tuple[dict | None, ValidationReport | None]:
     """Compiles (and validates) ``spec`` in ``options``; ``(None, None)`` when validation failed and another
     measured type is left to try, which is then compiled in its place."""
-    log(f"{step}: tracing and compiling ({options.precision.describe()})")
+    int8 = options.quantize == INT8
+    describe = "int8 convolutions and linears, the rest fp32" if int8 else options.precision.describe()
+    log(f"{step}: tracing{', calibrating' if int8 else ''} and compiling ({describe})")
     with _heartbeat(log, f"compiling {spec.name}"):
         manifest = compile_fn(spec, options, folder)
     if not validate:
@@ -221,11 +263,19 @@ def _compile_and_validate(
     log(f"{step}: validating against eager PyTorch")
     compiled = CompiledComponent(folder, device=options.device)
     try:
-        report = validate_component(spec, compiled, options.precision)
+        report = validate_component(
+            spec,
+            compiled,
+            options.precision,
+            tolerance=INT8_TOLERANCE if int8 else None,
+            describe=describe,
+            inputs=held_out(spec.calibration) if int8 else None,
+        )
     except ValidationError as error:
         if last:
             raise
-        log(f"{step}: {options.precision.auto_cast_type} fails validation ({error}); trying the next fastest type")
+        kind = INT8 if int8 else options.precision.auto_cast_type
+        log(f"{step}: {kind} fails validation ({error}); trying the next fastest type")
         del compiled
         shutil.rmtree(folder)
         return None, None
@@ -279,6 +329,7 @@ def _write_model_index(
         "shapes": shapes.to_dict(),
         "components": compiled,
         "precision": {**options.precision.to_dict(), **({"chosen": chosen} if chosen else {})},
+        "quantize": options.quantize,
         "device": options.device,
         "versions": artifact.environment_versions(),
         "exported_on": artifact.machine_id(),

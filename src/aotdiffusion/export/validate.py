@@ -38,17 +38,28 @@ class ValidationReport:
 
 
 def validate_component(
-    spec: ComponentSpec, compiled: CompiledComponent, precision: Precision, *, seed: int = 1
+    spec: ComponentSpec,
+    compiled: CompiledComponent,
+    precision: Precision,
+    *,
+    seed: int = 1,
+    tolerance: float | None = None,
+    describe: str | None = None,
+    inputs: dict[str, torch.Tensor] | None = None,
 ) -> ValidationReport:
     """Runs eager fp32 and the compiled graph on fresh random inputs (not the tracing example).
 
+    ``tolerance`` and ``describe`` replace the precision's own (an int8 graph has a wider one), ``inputs``
+    the random ones.
     Raises :class:`ValidationError` naming the component and its errors when the tolerance is exceeded.
     """
-    inputs = spec.example_inputs(seed)
+    inputs = dict(inputs) if inputs is not None else spec.example_inputs(seed)
     with torch.no_grad():
         expected = spec.module(*(t.to(compiled.device) for t in inputs.values()))
     actual = compiled(**inputs)
-    worst = ValidationReport(spec.name, 0.0, 0.0, precision.tolerance, spec.output_names[0])
+    tolerance = precision.tolerance if tolerance is None else tolerance
+    describe = describe or precision.describe()
+    worst = ValidationReport(spec.name, 0.0, 0.0, tolerance, spec.output_names[0])
     for name, ref in zip(spec.output_names, expected):
         got = actual[name].to(ref.device, ref.dtype)
         if got.shape != ref.shape:
@@ -57,19 +68,19 @@ def validate_component(
             )
         if not torch.isfinite(got).all():
             raise ValidationError(
-                f"{spec.name}: output `{name}` has NaN/inf values in {precision.describe()} (eager has none: "
+                f"{spec.name}: output `{name}` has NaN/inf values in {describe} (eager has none: "
                 f"{bool(torch.isfinite(ref).all())}). The model overflows in this precision; export with "
                 "--auto-cast-type bf16 or --auto-cast none."
             )
         abs_err = (got - ref).abs().max().item()
         rel_err = abs_err / max(ref.abs().max().item(), 1e-12)
         if rel_err >= worst.max_rel_error:
-            worst = ValidationReport(spec.name, abs_err, rel_err, precision.tolerance, name)
+            worst = ValidationReport(spec.name, abs_err, rel_err, tolerance, name)
     if not worst.passed:
         raise ValidationError(
             f"{spec.name} does not match eager PyTorch: output `{worst.worst_output}` max abs error "
             f"{worst.max_abs_error:.3g}, relative error {worst.max_rel_error:.3g} > tolerance {worst.tolerance:g} "
-            f"for {precision.describe()}. The compiled artifact is wrong; report it with the versions in "
+            f"for {describe}. The compiled artifact is wrong; report it with the versions in "
             f"{compiled.folder}/config.json, or export with --disable-validation to inspect it."
         )
     return worst

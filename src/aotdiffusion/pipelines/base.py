@@ -92,6 +92,7 @@ class AOTPipelineMixin:
         freezing: bool = True,
         vae_encoder: bool = True,
         deep_cache: bool = False,
+        quantize: str = "none",
         unet_id: str | None = None,
         # input shapes
         batch_size: int | None = None,
@@ -116,7 +117,9 @@ class AOTPipelineMixin:
             classifier_free_guidance=classifier_free_guidance,
             split_guidance_batch=split_guidance_batch,
         )
-        options = CompilerOptions(Precision(auto_cast, auto_cast_type), device=device, freezing=freezing)
+        options = CompilerOptions(
+            Precision(auto_cast, auto_cast_type), device=device, freezing=freezing, quantize=quantize or "none"
+        )
         return export_pipeline(
             source,
             output_dir,
