@@ -53,6 +53,8 @@ def test_bench_quick_runs_every_variant_side_by_side(tiny_sd, sd_deep_cache, sd_
     assert markdown in result.stdout
     assert "| aotdiffusion | float32 |" in markdown and "| vs | text encoder | UNet step" in markdown
     assert "UNet step at least 1.3x faster than OpenVINO" in markdown
+    assert "| lever | UNet step vs fastest float peer | end-to-end vs fastest float peer |" in markdown
+    assert "| aotdiffusion-int8-cache5 |" in markdown and "end-to-end vs openvino-int8" in markdown
     rows = list(csv.DictReader((out / "results.csv").open()))
     assert {row["variant"] for row in rows} == set(VARIANTS)
     assert any(row["metric"] == "unet_step" and float(row["median_s"]) > 0 for row in rows)

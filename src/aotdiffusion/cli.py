@@ -79,6 +79,14 @@ def _parser() -> argparse.ArgumentParser:
         help="int8: the UNet's convolutions and linears in int8 (torchao, calibrated on built-in prompts; needs "
         "the int8 extra), kept only where timing shows it faster than the float type",
     )
+    _flag(
+        export,
+        "fp32-linear",
+        default="auto",
+        choices=["auto", "onednn", "mkl"],
+        help="who runs fp32 linears: auto (default: time oneDNN's prepacked kernel and MKL's sgemm per component), "
+        "onednn or mkl",
+    )
     _flag(export, "unet", help="hub id or folder of a UNet that replaces the model's before compiling")
     _flag(export, "revision", help="hub revision of --model")
 
@@ -175,6 +183,7 @@ def _export(args: argparse.Namespace) -> None:
         vae_encoder=not args.no_vae_encoder,
         deep_cache=args.deep_cache,
         quantize=args.quantize,
+        fp32_linear=args.fp32_linear,
         unet_id=args.unet,
         batch_size=args.batch_size,
         height=args.height,

@@ -321,6 +321,7 @@ def render_markdown(report: dict[str, Any]) -> str:
                 f"{_ratio(fastest[c][1], ours.get(c))} ({fastest[c][0]})" if c in fastest else "-" for c in _COLUMNS
             ]
             lines.append("| **fastest peer** | " + " | ".join(cells) + " | - | - |")
+    lines += _levers_table(report["results"])
     verdicts = _targets(report["results"])
     if verdicts:
         lines += ["", "Targets (issues #4 and #8), as ratios in this run:", ""]
@@ -331,6 +332,27 @@ def render_markdown(report: dict[str, Any]) -> str:
         seconds = report["aot_int8_export_s"]
         lines += [f"aotdiffusion int8 export (calibration included, not in any timing above): {seconds:.0f} s."]
     return "\n".join(lines) + "\n"
+
+
+def _levers_table(results: dict[str, Any]) -> list[str]:
+    """The opt-in levers (int8, step caching) against the fastest float peer and OpenVINO's int8."""
+    levers = [v for v in results if v.startswith("aotdiffusion-")]
+    fastest = _fastest_peer(results)
+    if not levers or not fastest:
+        return []
+    int8_peer = results.get("openvino-int8")
+    lines = ["", "The opt-in levers (they change the image: PSNR in the first table), their time / ours:", ""]
+    header = "| lever | UNet step vs fastest float peer | end-to-end vs fastest float peer |"
+    header += " UNet step vs openvino-int8 | end-to-end vs openvino-int8 |" if int8_peer else ""
+    lines += [header, "|---" * (5 if int8_peer else 3) + "|"]
+    for variant in levers:
+        r = results[variant]
+        cells = [f"{_ratio(fastest[c][1], r.get(c))} ({fastest[c][0]})" if c in fastest else "-"
+                 for c in ("unet_step", "end_to_end")]  # fmt: skip
+        if int8_peer:
+            cells += [_ratio(int8_peer.get(c), r.get(c)) for c in ("unet_step", "end_to_end")]
+        lines.append(f"| {variant} | " + " | ".join(cells) + " |")
+    return lines
 
 
 # (what, baseline variant, metric, the least speed-up that meets it)
@@ -351,13 +373,14 @@ TARGETS = (
 
 
 def _fastest_peer(results: dict[str, Any]) -> dict[str, tuple[str, dict]]:
-    """Per metric, the fastest variant that is not aotdiffusion (eager, torch.compile, OpenVINO; any type)."""
+    """Per metric, the fastest float peer: eager, torch.compile or OpenVINO in fp32 or bf16 (issue #8's
+    definition; the int8 peer is compared with aotdiffusion's int8 variants on their own lines)."""
     fastest = {}
     for metric in _COLUMNS:
         timed = [
             (v, r[metric])
             for v, r in results.items()
-            if not v.startswith("aotdiffusion") and r.get(metric, {}).get("runs")
+            if not v.startswith("aotdiffusion") and "int8" not in v and r.get(metric, {}).get("runs")
         ]
         if timed:
             fastest[metric] = min(timed, key=lambda item: item[1]["median"])

@@ -26,6 +26,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from .components import ComponentSpec
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# Who runs fp32 linears: oneDNN's prepacked kernel (what AOTInductor's freezing makes of them) or MKL's
+# sgemm on the plain weight (what they run when left unpacked). Neither wins everywhere: MKL's fp32
+# GEMM was several times slower on an AMD Zen 5, 9% faster than oneDNN's on an AMD Zen 3.
+FP32_LINEAR_KERNELS = ("onednn", "mkl")
 # `--quantize int8` (export/quantize.py) adds this candidate for the UNet: convolutions and linears in
 # oneDNN's int8 kernels, everything else (attention among it) in fp32.
 INT8 = "int8"
@@ -76,6 +80,26 @@ class Choice:
             "flop_share": round(self.flop_share, 3),
             "skipped": self.skipped,
             "stopped_early": self.stopped_early,
+        }
+
+
+@dataclass
+class LinearChoice:
+    """Which library runs a component's fp32 linears, with what was measured (``--fp32-linear auto``)."""
+
+    kernel: str  # onednn | mkl
+    seconds: dict[str, float]  # the timed linear shapes, count-weighted, per kernel
+    shapes_timed: int
+
+    def describe(self) -> str:
+        timings = ", ".join(f"{name} {self.seconds[name] * 1e3:.1f} ms" for name in FP32_LINEAR_KERNELS)
+        return f"fp32 linears: {timings} over its {self.shapes_timed} largest linear shapes -> {self.kernel}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "seconds": {k: round(v, 6) for k, v in self.seconds.items()},
+            "shapes_timed": self.shapes_timed,
+            "kernel": self.kernel,
         }
 
 
@@ -272,3 +296,30 @@ def choose(spec: ComponentSpec, device: str, *, int8: bool = False, only: str | 
     early = {name: f"{seconds[name] / min(seconds.values()):.1f}x slower" for name in names if name not in racing}
     ranked = sorted(names, key=seconds.__getitem__)
     return Choice(ranked, seconds, len(selected), covered / total if total else 1.0, skipped, early)
+
+
+def choose_fp32_linear(spec: ComponentSpec, device: str) -> LinearChoice | None:
+    """Times the component's largest fp32 linear shapes through oneDNN and through MKL.
+
+    None where there is nothing to choose: not a CPU, a torch without MKL, or no linear at all.
+    """
+    if device != "cpu" or not torch._C.has_mkl or not torch.backends.mkldnn.is_available():
+        return None
+    ops, _ = dominant_ops(spec)
+    linears = [(op, count) for op, count in ops if op.kind == "linear"][:_MAX_SHAPES]
+    if not linears:
+        return None
+    spent = dict.fromkeys(FP32_LINEAR_KERNELS, 0.0)
+    with torch.no_grad():
+        for op, count in linears:
+            spent["onednn"] += count * _seconds(_runner(op, torch.float32, device), device)
+            spent["mkl"] += count * _seconds(_mkl_linear(op), device)
+    return LinearChoice(min(spent, key=spent.__getitem__), spent, len(linears))
+
+
+def _mkl_linear(op: Op) -> Callable[[], Any]:
+    """An unpacked fp32 linear as the compiled graph calls it: ``mm`` on the frozen, transposed weight (MKL)."""
+    gen = torch.Generator().manual_seed(0)
+    (m, k), (_, n) = op.shapes
+    x, weight_t = torch.randn(m, k, generator=gen), torch.randn(k, n, generator=gen)
+    return lambda: torch.mm(x, weight_t)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -11,6 +13,7 @@ import torch
 from safetensors.torch import save_file
 
 from .. import artifact
+from .choose_precision import FP32_LINEAR_KERNELS
 from .components import ComponentSpec
 from .precision import Precision, PrecisionWrapper, full_precision_matmuls, low_precision_weights
 from .quantize import QUANTIZE_MODES, int8_kernels, quantize_program, quiet_int8_lowering, reduce_range
@@ -31,6 +34,9 @@ class CompilerOptions:
     freezing: bool = True
     # "int8": this component's convolutions and linears run in int8 (export/quantize.py).
     quantize: str = "none"
+    # Who runs fp32 linears: "onednn" (prepacked at freezing) or "mkl" (left unpacked: aten mm/addmm, MKL's
+    # sgemm); "auto" lets the export time both per component (export/choose_precision.py).
+    fp32_linear: str = "onednn"
 
     def __post_init__(self) -> None:
         if self.quantize not in QUANTIZE_MODES:
@@ -38,6 +44,10 @@ class CompilerOptions:
         if self.quantize == "int8" and not self.freezing:
             # Without freezing the quantize/dequantize pairs are never fused into int8 kernels (pytorch/ao #4566).
             raise ValueError("int8 quantization needs freezing: drop freezing=False or --quantize int8.")
+        if self.fp32_linear not in ("auto", *FP32_LINEAR_KERNELS):
+            raise ValueError(
+                f"`fp32_linear` must be one of {('auto', *FP32_LINEAR_KERNELS)}, got {self.fp32_linear!r}."
+            )
         if self.quantize == "int8" and self.device != "cpu":
             raise ValueError(f"--quantize int8 runs oneDNN's int8 CPU kernels; it cannot compile for {self.device}.")
 
@@ -46,7 +56,14 @@ class CompilerOptions:
 
     def to_dict(self) -> dict[str, Any]:
         quantize = {"quantize": self.quantize} if self.quantize != "none" else {}
-        return {"device": self.device, **self.precision.to_dict(), **quantize, "inductor": self.inductor_configs()}
+        linear = {"fp32_linear": self.fp32_linear} if self.fp32_linear != "onednn" else {}
+        return {
+            "device": self.device,
+            **self.precision.to_dict(),
+            **quantize,
+            **linear,
+            "inductor": self.inductor_configs(),
+        }
 
 
 class ExportError(RuntimeError):
@@ -96,7 +113,7 @@ def compile_component(spec: ComponentSpec, options: CompilerOptions, folder: Pat
         # Inductor only freezes (folds constants, prepacks conv/linear weights for oneDNN) when
         # grad mode is off; with grad on it silently skips all of it.
         try:
-            with torch.no_grad(), quiet_int8_lowering():
+            with torch.no_grad(), quiet_int8_lowering(), _fp32_linears_unpacked(options.fp32_linear == "mkl"):
                 torch._inductor.aoti_compile_and_package(
                     program, package_path=str(package), inductor_configs=options.inductor_configs()
                 )
@@ -154,6 +171,26 @@ def compile_component(spec: ComponentSpec, options: CompilerOptions, folder: Pat
     }
     write_manifest(folder, spec.config, manifest)
     return manifest
+
+
+@contextmanager
+def _fp32_linears_unpacked(enabled: bool) -> Iterator[None]:
+    """Leaves fp32 linears unpacked, so the compiled code calls aten ``mm``/``addmm`` (MKL's sgemm).
+
+    In AOT mode freezing packs every fp32 linear for oneDNN (MKL's packed format cannot be saved). torch
+    2.13's packing check (``_is_packable_linear`` in ``fx_passes/mkldnn_fusion.py``) declines fp32 linears
+    when torch reports no MKL, and that flag is read nowhere else in an AOT compile; it is restored after.
+    Convolutions and low-precision linears are packed as before.
+    """
+    if not enabled:
+        yield
+        return
+    has_mkl = torch._C.has_mkl
+    torch._C.has_mkl = False
+    try:
+        yield
+    finally:
+        torch._C.has_mkl = has_mkl
 
 
 def write_manifest(folder: Path, config: dict[str, Any], manifest: dict[str, Any]) -> None:

@@ -19,7 +19,7 @@ from diffusers import DiffusionPipeline
 from .. import artifact
 from ..runtime.compiled import CompiledComponent
 from ..shapes import PipelineShapes
-from .choose_precision import INT8, choose
+from .choose_precision import INT8, LinearChoice, choose, choose_fp32_linear
 from .compile import CompilerOptions, compile_component, write_manifest
 from .components import ComponentSpec, text_encoder_spec, unet_spec, vae_decoder_spec, vae_encoder_spec
 from .deep_cache import FEATURE, deep_cache_specs
@@ -201,6 +201,12 @@ def export_pipeline(
             if quantizable and choice.ranked[0] != INT8:
                 log(f"{step}: int8 is not faster than {choice.ranked[0]} on this {options.device}: not quantized")
             tries = [_options_for(options, name) for name in choice.ranked]
+        linear_choice = None
+        if options.fp32_linear == "auto" and any(_runs_fp32_linears(t) for t in tries):
+            linear_choice = choose_fp32_linear(spec, options.device)
+            if linear_choice is not None:
+                log(f"{step}: {linear_choice.describe()}")
+        tries = [_with_fp32_linear(t, linear_choice) for t in tries]
         for attempt, spec_options in enumerate(tries):
             manifest, report = _compile_and_validate(spec, spec_options, output / spec.name, step, validate, log,
                                                      compile_fn, last=attempt == len(tries) - 1)  # fmt: skip
@@ -209,6 +215,9 @@ def export_pipeline(
         if choice is not None:
             chosen[spec.name] = INT8 if spec_options.quantize == INT8 else spec_options.precision.auto_cast_type
             manifest["precision_choice"] = {**choice.to_dict(), "chosen": chosen[spec.name]}
+        if linear_choice is not None:
+            manifest["fp32_linear_choice"] = {**linear_choice.to_dict(), "used": spec_options.fp32_linear}
+        if choice is not None or linear_choice is not None:
             write_manifest(output / spec.name, spec.config, manifest)
         # The shallow step-caching graph, compiled after the UNet, runs the same UNet weights: freed after it.
         last_use = ("text_encoder", "unet_deep_cache" if deep_cache else "unet")
@@ -232,6 +241,18 @@ def _options_for(options: CompilerOptions, candidate: str) -> CompilerOptions:
     if candidate == INT8:
         return replace(options, precision=Precision("none", "fp32"), quantize=INT8)
     return replace(options, precision=options.precision.resolved(candidate), quantize="none")
+
+
+def _runs_fp32_linears(options: CompilerOptions) -> bool:
+    return options.quantize == "none" and options.precision.low_dtype == torch.float32
+
+
+def _with_fp32_linear(options: CompilerOptions, choice: LinearChoice | None) -> CompilerOptions:
+    """Resolves ``fp32_linear="auto"``: the measured kernel where fp32 linears run, oneDNN (moot) elsewhere."""
+    if options.fp32_linear != "auto":
+        return options
+    kernel = choice.kernel if choice is not None and _runs_fp32_linears(options) else "onednn"
+    return replace(options, fp32_linear=kernel)
 
 
 def _shallow_calibration(full: ComponentSpec) -> list[dict[str, torch.Tensor]]:

@@ -93,6 +93,7 @@ class AOTPipelineMixin:
         vae_encoder: bool = True,
         deep_cache: bool = False,
         quantize: str = "none",
+        fp32_linear: str = "auto",
         unet_id: str | None = None,
         # input shapes
         batch_size: int | None = None,
@@ -118,7 +119,11 @@ class AOTPipelineMixin:
             split_guidance_batch=split_guidance_batch,
         )
         options = CompilerOptions(
-            Precision(auto_cast, auto_cast_type), device=device, freezing=freezing, quantize=quantize or "none"
+            Precision(auto_cast, auto_cast_type),
+            device=device,
+            freezing=freezing,
+            quantize=quantize or "none",
+            fp32_linear=fp32_linear,
         )
         return export_pipeline(
             source,
