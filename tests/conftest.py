@@ -74,8 +74,8 @@ def int8_ranked_first():
 
     measured = pipeline.choose
 
-    def choose(spec, device, *, int8=False, only=None):
-        choice = measured(spec, device, int8=int8, only=only)
+    def choose(spec, device, *, int8=False, **kwargs):
+        choice = measured(spec, device, int8=int8, **kwargs)
         if int8:
             choice.ranked.remove("int8")
             choice.ranked.insert(0, "int8")

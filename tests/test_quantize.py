@@ -92,8 +92,8 @@ def _dry_export(eager_sd, tmp_path, ranking: list[str]) -> tuple[dict, list[str]
 
     measured = export_pipeline_module.choose
 
-    def ranked(spec, device, *, int8=False, only=None):
-        choice = measured(spec, device, int8=int8, only=only)
+    def ranked(spec, device, **kwargs):
+        choice = measured(spec, device, **kwargs)
         choice.ranked = [c for c in ranking if c in choice.ranked]
         return choice
 

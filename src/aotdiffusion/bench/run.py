@@ -394,11 +394,7 @@ def _targets(results: dict[str, Any]) -> list[tuple[str, bool]]:
         results = {**results, "fastest-peer": {"end_to_end": fastest["end_to_end"][1]}}
     verdicts = []
     # The opt-in levers (step caching, int8): every aotdiffusion variant but the default export.
-    levers = {
-        v: r
-        for v, r in results.items()
-        if v.startswith("aotdiffusion-") and v != "aotdiffusion" and r["end_to_end"]["runs"]
-    }
+    levers = {v: r for v, r in results.items() if v.startswith("aotdiffusion-") and r["end_to_end"]["runs"]}
     if levers and "end_to_end" in fastest:
         best = min(levers, key=lambda v: levers[v]["end_to_end"]["median"])
         speedup = fastest["end_to_end"][1]["median"] / levers[best]["end_to_end"]["median"]

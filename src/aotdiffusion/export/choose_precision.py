@@ -268,10 +268,20 @@ def candidates(spec: ComponentSpec, *, int8: bool = False, only: str | None = No
     return names, skipped
 
 
-def choose(spec: ComponentSpec, device: str, *, int8: bool = False, only: str | None = None) -> Choice:
-    """Ranks the candidate types of ``spec`` on this machine, fastest first (see :func:`candidates`)."""
+def choose(
+    spec: ComponentSpec,
+    device: str,
+    *,
+    int8: bool = False,
+    only: str | None = None,
+    ops: tuple[list[tuple[Op, int]], int] | None = None,
+) -> Choice:
+    """Ranks the candidate types of ``spec`` on this machine, fastest first (see :func:`candidates`).
+
+    ``ops``: :func:`dominant_ops` of ``spec`` when the caller already has them.
+    """
     names, skipped = candidates(spec, int8=int8, only=only)
-    ops, total = dominant_ops(spec)
+    ops, total = ops or dominant_ops(spec)
     selected, covered = [], 0
     for op, count in ops:
         if selected and (covered >= _FLOP_SHARE * total or len(selected) >= _MAX_SHAPES):
@@ -298,14 +308,17 @@ def choose(spec: ComponentSpec, device: str, *, int8: bool = False, only: str | 
     return Choice(ranked, seconds, len(selected), covered / total if total else 1.0, skipped, early)
 
 
-def choose_fp32_linear(spec: ComponentSpec, device: str) -> LinearChoice | None:
+def choose_fp32_linear(
+    spec: ComponentSpec, device: str, *, ops: tuple[list[tuple[Op, int]], int] | None = None
+) -> LinearChoice | None:
     """Times the component's largest fp32 linear shapes through oneDNN and through MKL.
 
-    None where there is nothing to choose: not a CPU, a torch without MKL, or no linear at all.
+    None where there is nothing to choose: not a CPU, a torch without MKL, or no linear at all. ``ops`` as
+    for :func:`choose`.
     """
     if device != "cpu" or not torch._C.has_mkl or not torch.backends.mkldnn.is_available():
         return None
-    ops, _ = dominant_ops(spec)
+    ops, _ = ops or dominant_ops(spec)
     linears = [(op, count) for op, count in ops if op.kind == "linear"][:_MAX_SHAPES]
     if not linears:
         return None

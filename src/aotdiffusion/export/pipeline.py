@@ -19,7 +19,7 @@ from diffusers import DiffusionPipeline
 from .. import artifact
 from ..runtime.compiled import CompiledComponent
 from ..shapes import PipelineShapes
-from .choose_precision import INT8, LinearChoice, choose, choose_fp32_linear
+from .choose_precision import INT8, LinearChoice, choose, choose_fp32_linear, dominant_ops
 from .compile import CompilerOptions, compile_component, write_manifest
 from .components import ComponentSpec, text_encoder_spec, unet_spec, vae_decoder_spec, vae_encoder_spec
 from .deep_cache import FEATURE, deep_cache_specs
@@ -188,22 +188,23 @@ def export_pipeline(
         quantizable = int8 and spec.role in QUANTIZED_ROLES and (spec.role == "unet" or chosen.get("unet") == INT8)
         if quantizable and spec.role != "unet":
             spec.calibration = _shallow_calibration(next(s for s in specs if s.role == "unet"))
-        choice = None
+        choice = ops = None
         tries = [replace(options, quantize="none")]
         if options.precision.is_auto or quantizable:
+            ops = dominant_ops(spec)  # traced once on fake tensors, for both timings below
             only = None  # auto: every float type; else int8 is timed against the one the user asked for
             if not options.precision.is_auto:
                 only = "fp32" if options.precision.auto_cast == "none" else options.precision.auto_cast_type
             timed = " against int8" if quantizable else ""
             log(f"{step}: timing {only or 'fp32/bf16/fp16'}{timed} on this {options.device} to choose its type")
-            choice = choose(spec, options.device, int8=quantizable, only=only)
+            choice = choose(spec, options.device, int8=quantizable, only=only, ops=ops)
             log(f"{step}: {choice.describe()}")
             if quantizable and choice.ranked[0] != INT8:
                 log(f"{step}: int8 is not faster than {choice.ranked[0]} on this {options.device}: not quantized")
             tries = [_options_for(options, name) for name in choice.ranked]
         linear_choice = None
         if options.fp32_linear == "auto" and any(_runs_fp32_linears(t) for t in tries):
-            linear_choice = choose_fp32_linear(spec, options.device)
+            linear_choice = choose_fp32_linear(spec, options.device, ops=ops)
             if linear_choice is not None:
                 log(f"{step}: {linear_choice.describe()}")
         tries = [_with_fp32_linear(t, linear_choice) for t in tries]
