@@ -246,3 +246,9 @@ def sd_deep_cache(tiny_sd, tmp_path_factory) -> Path:
         tiny_sd, tmp_path_factory.mktemp("exports") / "sd-deep-cache", auto_cast="none", deep_cache=True,
         vae_encoder=False,
     )  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def sd_batch4(tiny_sd, tmp_path_factory) -> Path:
+    """Four prompts per call, fp32: the serving tests pack requests into it and compare images exactly."""
+    return _export(tiny_sd, tmp_path_factory.mktemp("exports") / "sd-batch4", auto_cast="none", batch_size=4)

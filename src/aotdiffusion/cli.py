@@ -1,9 +1,10 @@
-"""``aotdiffusion`` command line: export, generate, bench, tiny."""
+"""``aotdiffusion`` command line: export, generate, serve, bench, tiny."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 import time
 from pathlib import Path
@@ -117,6 +118,24 @@ def _parser() -> argparse.ArgumentParser:
         help="step caching: one full UNet pass every N steps, shallow ones between (export --deep-cache); 1 = off",
     )
     _flag(generate, "output", type=Path, default=Path("images"), help="folder for the PNGs (default images/)")
+
+    serve = commands.add_parser("serve", help="serve exports over an OpenAI-compatible HTTP API with a web page")
+    serve.add_argument(
+        "exports", nargs="+", help="export folders; NAME=FOLDER names a model (same NAME: one model, several sizes)"
+    )
+    _flag(serve, "host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    _flag(serve, "port", type=int, default=8000)
+    _flag(
+        serve,
+        "api-key",
+        default=os.environ.get("AOTDIFFUSION_API_KEY"),
+        help="require `Authorization: Bearer KEY` on /v1 (default: $AOTDIFFUSION_API_KEY; none: open)",
+    )
+    _flag(serve, "replicas", type=int, default=1, help="pipeline replicas per export, each on its own cores or GPU")
+    _flag(serve, "max-wait-ms", type=float, default=50.0, help="how long a partial batch waits for more requests")
+    _flag(serve, "max-queue", type=int, default=64, help="requests waiting per export before 429 (default 64)")
+    _flag(serve, "max-upload-mb", type=float, default=20.0, help="largest request body, in MiB (default 20)")
+    _flag(serve, "trust-remote-code", action="store_true", help="serve exports made on another machine")
 
     tiny = commands.add_parser("tiny", help="write a tiny random-weight diffusers pipeline (no network)")
     tiny.add_argument("kind", choices=["sd", "sd-inpaint", "lcm", "sdxl", "sdxl-refiner", "lcm-sdxl"])
@@ -256,6 +275,37 @@ def _generate(args: argparse.Namespace) -> None:
         print(f"  {path}")
 
 
+def _serve(args: argparse.Namespace) -> None:
+    try:
+        import uvicorn
+
+        from .serve import create_app
+    except ImportError as error:
+        raise ValueError(
+            f"serve needs the serve extra ({error.name} is missing): pip install 'aotdiffusion[serve]'"
+        ) from None
+    for name, value in (("--replicas", args.replicas), ("--max-queue", args.max_queue)):
+        if value < 1:
+            raise ValueError(f"{name} must be at least 1, got {value}.")
+    if args.max_wait_ms < 0 or args.max_upload_mb <= 0:
+        raise ValueError("--max-wait-ms must be >= 0 and --max-upload-mb > 0.")
+    start = time.perf_counter()
+    app = create_app(
+        args.exports,
+        replicas=args.replicas,
+        max_wait_ms=args.max_wait_ms,
+        max_queue=args.max_queue,
+        max_upload_bytes=int(args.max_upload_mb * 2**20),
+        api_key=args.api_key or None,
+        trust_remote_code=args.trust_remote_code,
+    )
+    models = app.state.registry.models
+    served = ", ".join(f"{name} ({' '.join(model.sizes)})" for name, model in models.items())
+    elapsed = time.perf_counter() - start
+    print(f"Loaded {served} in {elapsed:.1f}s; serving on http://{args.host}:{args.port}/", flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+
+
 def _tiny(args: argparse.Namespace) -> None:
     from .random_models import save_tiny
 
@@ -289,7 +339,7 @@ def _bench(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        {"export": _export, "generate": _generate, "tiny": _tiny, "bench": _bench}[args.command](args)
+        {"export": _export, "generate": _generate, "serve": _serve, "tiny": _tiny, "bench": _bench}[args.command](args)
     except (ValueError, FileExistsError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

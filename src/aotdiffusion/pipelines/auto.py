@@ -94,3 +94,23 @@ class AOTDiffusionPipeline:
             pretrained_model_name_or_path = _local_or_download(pretrained_model_name_or_path, hub, trusted)
         pipeline_cls = pipeline_class_for(pretrained_model_name_or_path, exported=not export, **hub)
         return pipeline_cls.from_pretrained(pretrained_model_name_or_path, export=export, **kwargs)
+
+
+# What a served export can do, by name (the names the server and its page use).
+TEXT_TO_IMAGE, IMAGE_TO_IMAGE, INPAINTING = "text-to-image", "image-to-image", "inpainting"
+
+
+def task_classes(exported_cls: type, *, unet_in_channels: int, vae_encoder: bool) -> dict[str, type]:
+    """The compiled classes one export can run, by task, all over the same loaded components.
+
+    A text-to-image (or image-to-image) export with the VAE encoder also does image-to-image and
+    inpainting (diffusers' inpainting pipeline blends latents for a 4-channel UNet); a 9-channel
+    inpainting UNet only inpaints; without the encoder only text-to-image is possible.
+    """
+    text, image, inpaint = FAMILIES[family_of(exported_cls)]
+    if unet_in_channels != 4:
+        return {INPAINTING: exported_cls}
+    tasks = {TEXT_TO_IMAGE: text}
+    if vae_encoder:
+        tasks.update({name: cls for name, cls in ((IMAGE_TO_IMAGE, image), (INPAINTING, inpaint)) if cls is not None})
+    return tasks

@@ -193,6 +193,19 @@ class AOTPipelineMixin:
         components["vae"] = AOTAutoencoderKL(compiled["vae_decoder"], compiled.get("vae_encoder"))
         for name, part_class in saved_parts.items():
             components[name] = part_class.from_pretrained(folder / name)
+        pipe = cls._assemble(components, index)
+        pipe._artifact_dir = folder
+        pipe._export_tmpdir = None
+        # diffusers' pipelines keep per-call state on themselves and their scheduler (timesteps, guidance
+        # scale, step index): concurrent calls from threads would mix it, so calls take turns.
+        pipe._call_lock = threading.Lock()
+        pipe.static_shapes = PipelineShapes.from_dict(block["shapes"])
+        pipe.compiled_device = torch.device(device or block["device"])
+        return pipe
+
+    @classmethod
+    def _assemble(cls, components: dict[str, Any], config: dict[str, Any]):
+        """``cls(...)`` from loaded parts; ``config`` gives the non-module arguments (requires_aesthetics_score...)."""
         kwargs: dict[str, Any] = {}
         params = inspect.signature(cls.__init__).parameters
         for name, param in params.items():
@@ -200,21 +213,31 @@ class AOTPipelineMixin:
                 continue
             if name in components:
                 kwargs[name] = components[name]
-            elif name in index and not isinstance(index[name], list):  # e.g. requires_aesthetics_score
-                kwargs[name] = index[name]
+            elif name in config and not isinstance(config[name], list):
+                kwargs[name] = config[name]
             elif param.default is inspect.Parameter.empty:  # safety_checker, feature_extractor: None is accepted
                 kwargs[name] = None
         if "requires_safety_checker" in params:  # no checker is compiled; diffusers would warn on every load
             kwargs["requires_safety_checker"] = False
         pipe = cls(**kwargs)
-        pipe._artifact_dir = folder
-        pipe._export_tmpdir = None
         pipe._replicas = None
-        # diffusers' pipelines keep per-call state on themselves and their scheduler (timesteps, guidance
-        # scale, step index): concurrent calls from threads would mix it, so calls take turns.
-        pipe._call_lock = threading.Lock()
-        pipe.static_shapes = PipelineShapes.from_dict(block["shapes"])
-        pipe.compiled_device = torch.device(device or block["device"])
+        return pipe
+
+    def sibling(self, pipeline_cls: type):
+        """This pipeline's loaded compiled parts as another class of its family, nothing loaded twice.
+
+        E.g. image-to-image and inpainting from a text-to-image export (it needs the VAE encoder). The two
+        share the compiled components, the scheduler and the call lock, so their calls take turns.
+        """
+        if not issubclass(pipeline_cls, AOTPipelineMixin):
+            raise TypeError(f"{pipeline_cls.__name__} is not a compiled aotdiffusion pipeline class.")
+        if isinstance(self, pipeline_cls):
+            return self
+        parts = dict(self.components)
+        pipe = pipeline_cls._assemble(parts, parts)
+        for name in ("_artifact_dir", "_export_tmpdir", "_call_lock", "static_shapes", "compiled_device"):
+            setattr(pipe, name, getattr(self, name))
+        pipe.set_progress_bar_config(**getattr(self, "_progress_bar_config", {}))
         return pipe
 
     # ------------------------------------------------------------------------- saving, sharing
@@ -291,12 +314,13 @@ class AOTPipelineMixin:
         self._replicas = self.unet.replicas = None
         if mode == "none":
             return self
-        from ..runtime.parallel import ReplicaPool, default_cpu_groups
+        from ..runtime.parallel import ReplicaPool, compiled_component, default_cpu_groups
+        from .data_parallel import FACTORY
 
         if devices is None:
             devices = default_cpu_groups(2) if self.compiled_device.type == "cpu" else ["cuda:0", "cuda:1"]
         if mode == "all":
-            self._replicas = ReplicaPool(self._artifact_dir, type(self).__name__, devices)
+            self._replicas = ReplicaPool(FACTORY, [str(self._artifact_dir), type(self).__name__], devices)
             return self
         if not self.static_shapes.split_guidance_batch:
             raise ValueError(
@@ -306,11 +330,12 @@ class AOTPipelineMixin:
             )
         if len(devices) != 2:
             raise ValueError(f"data_parallel_mode='unet' runs the two guidance halves on 2 devices, got {devices}.")
-        self.unet.replicas = ReplicaPool(self.unet.compiled.folder, None, devices)
+        factory = f"{compiled_component.__module__}:{compiled_component.__name__}"
+        self.unet.replicas = ReplicaPool(factory, [str(self.unet.compiled.folder)], devices)
         return self
 
     def _call_replicas(self, call: dict[str, Any], extra: dict[str, Any]):
-        from ..runtime.parallel import combine_outputs, split_call
+        from .data_parallel import combine_outputs, split_call
 
         requests = split_call(call, extra, self.static_shapes, self.scheduler)
         return combine_outputs(self._replicas.map(requests), call.get("return_dict", True))

@@ -1,0 +1,239 @@
+"""The HTTP server: OpenAI's Images API over dynamic batching, tested against a real uvicorn on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+from serving import LiveServer, decode, metric, png
+
+KEY = "sk-test-key"
+SLOW_STEPS = 400  # long enough (seconds on the tiny model) to hold a replica busy while a test looks on
+
+
+@pytest.fixture(scope="module")
+def server(sd_batch4):
+    from aotdiffusion.serve import create_app
+
+    app = create_app([f"sd={sd_batch4}"], max_wait_ms=400, max_queue=3, api_key=KEY, max_upload_bytes=2**20)
+    with LiveServer(app) as url:
+        yield url, app
+
+
+@pytest.fixture
+def api(server):
+    url, _ = server
+    with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {KEY}"}, timeout=120) as client:
+        yield client
+
+
+def generate(api, **body):
+    body.setdefault("prompt", "a red fox")
+    body.setdefault("num_inference_steps", 3)
+    return api.post("/v1/images/generations", json=body)
+
+
+def error_of(response, status: int, param: str | None = None) -> str:
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    if param is not None:
+        assert error["param"] == param
+    return error["message"]
+
+
+def test_openai_client_unchanged(server, tmp_path):
+    from openai import OpenAI
+
+    url, _ = server
+    client = OpenAI(base_url=f"{url}/v1", api_key=KEY)
+    models = client.models.list()
+    assert [m.id for m in models.data] == ["sd"]
+    result = client.images.generate(
+        model="sd", prompt="a lighthouse at dusk", n=2, size="64x64", response_format="b64_json",
+        extra_body={"seed": 11, "num_inference_steps": 3, "negative_prompt": "blurry"},
+    )  # fmt: skip
+    assert len(result.data) == 2
+    assert [image.model_extra["seed"] for image in result.data] == [11, 12]
+    assert all(decode(image.b64_json).shape == (64, 64, 3) for image in result.data)
+    source = tmp_path / "in.png"
+    source.write_bytes(png(Image.new("RGB", (64, 64), (200, 40, 40))))
+    with open(source, "rb") as image:
+        edited = client.images.edit(
+            model="sd", image=image, prompt="a blue square", n=1, size="64x64",
+            extra_body={"seed": 1, "num_inference_steps": 4, "strength": 0.5},
+        )  # fmt: skip
+    assert decode(edited.data[0].b64_json).shape == (64, 64, 3)
+
+
+def test_api_key(server):
+    url, _ = server
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}):
+        response = httpx.post(f"{url}/v1/images/generations", json={"prompt": "x"}, headers=headers)
+        assert "API key" in error_of(response, 401)
+    assert httpx.get(f"{url}/health").status_code == 200  # health checks need no key
+
+
+def test_batched_images_equal_solo_images(api, server):
+    """Requests packed into one call (and padded) give each image exactly what a call of its own gives (fp32)."""
+    _, app = server
+    before = metric(app.state.metrics.render().decode(), "aotdiffusion_batches_total", model="sd", size="64x64")
+    requests = [dict(prompt="a red fox", seed=5, n=1), dict(prompt="a green car", seed=90, n=2),
+                dict(prompt="a blue bird", seed=7, n=1, negative_prompt="fog")]  # fmt: skip
+    with ThreadPoolExecutor(3) as pool:
+        together = list(pool.map(lambda body: generate(api, **body), requests))
+    after = metric(app.state.metrics.render().decode(), "aotdiffusion_batches_total", model="sd", size="64x64")
+    assert after - before == 1, "the three requests (4 images) should fill one call of the batch-4 export"
+    for body, response in zip(requests, together):
+        assert response.status_code == 200, response.text
+        for image in response.json()["data"]:
+            solo = generate(api, **{**body, "n": 1, "seed": image["seed"]})
+            assert np.array_equal(decode(image["b64_json"]), decode(solo.json()["data"][0]["b64_json"]))
+
+
+def test_request_errors_in_openai_shape(api):
+    assert "64x64" in error_of(generate(api, size="512x512"), 400, "size")
+    assert "served: sd" in error_of(generate(api, model="dall-e-3"), 404, "model")
+    assert "guidance" in error_of(generate(api, guidance_scale=1.0), 400, "guidance_scale")
+    assert "b64_json" in error_of(generate(api, response_format="url"), 400, "response_format")
+    assert "not a parameter" in error_of(generate(api, steps=3), 400, "steps")
+    error_of(generate(api, n=11), 400, "n")
+    error_of(generate(api, num_inference_steps=0), 400, "num_inference_steps")
+    error_of(api.post("/v1/images/generations", content=b'{"prompt": "x", "guidance_scale": NaN}',
+                      headers={"Content-Type": "application/json"}), 400, "guidance_scale")  # fmt: skip
+    error_of(
+        api.post("/v1/images/generations", content=b"{not json", headers={"Content-Type": "application/json"}), 400
+    )
+    error_of(api.get("/v1/nothing"), 404)
+    big = png(Image.effect_noise((1024, 1024), 64).convert("RGB"))
+    assert len(big) > 2**20
+    response = api.post("/v1/images/edits", data={"prompt": "x"}, files={"image": ("big.png", big, "image/png")})
+    assert "at most" in error_of(response, 413)
+
+
+def test_edit_inputs(api):
+    red = Image.new("RGB", (64, 64), (200, 40, 40))
+
+    def edit(image: bytes, mask: bytes | None = None, **form):
+        files = {"image": ("image.png", image, "image/png")}
+        if mask is not None:
+            files["mask"] = ("mask.png", mask, "image/png")
+        form = {"prompt": "a cat", "num_inference_steps": "4", "seed": "3", **form}
+        return api.post("/v1/images/edits", data=form, files=files)
+
+    # OpenAI's mask (transparent = edit) and diffusers' (white = repaint) mean the same region.
+    alpha = Image.new("RGBA", (64, 64), (0, 0, 0, 255))
+    alpha.paste((0, 0, 0, 0), (0, 0, 32, 64))
+    white = Image.new("L", (64, 64), 0)
+    white.paste(255, (0, 0, 32, 64))
+    openai_style, diffusers_style = edit(png(red), png(alpha)), edit(png(red), png(white))
+    assert openai_style.status_code == diffusers_style.status_code == 200
+    assert openai_style.json()["data"][0]["b64_json"] == diffusers_style.json()["data"][0]["b64_json"]
+    # Converted, not refused: CMYK JPEG, 16-bit grey, palette.
+    assert edit(png(red.convert("CMYK"), "JPEG")).status_code == 200
+    assert edit(png(Image.new("I;16", (64, 64), 40000))).status_code == 200
+    assert edit(png(red.convert("P"))).status_code == 200
+    # Refused with the reason.
+    assert "resize" in error_of(edit(png(Image.new("RGB", (80, 64)))), 400, "image")
+    assert edit(png(Image.new("RGB", (80, 64))), resize="true").status_code == 200
+    assert "not a readable image" in error_of(edit(png(red)[:100]), 400, "image")
+    assert "empty" in error_of(edit(b""), 400, "image")
+    assert "mask must have" in error_of(edit(png(red), png(Image.new("L", (32, 32)))), 400, "mask")
+    frames = [Image.new("RGB", (64, 64), c) for c in ("red", "blue")]
+    animated = png(frames[0], "GIF", save_all=True, append_images=frames[1:])
+    assert "animated" in error_of(edit(animated), 400, "image")
+    bomb = png(Image.new("1", (20000, 20000)))  # a few kB that decode to 400M pixels
+    assert "pixels" in error_of(edit(bomb), 400, "image")
+    assert "strength" in error_of(edit(png(red), strength="0.1", num_inference_steps="4"), 400, "strength")
+    error_of(edit(png(red), strength="1.5"), 400, "strength")
+
+
+def test_stream_reports_steps_then_images(api):
+    body = {"prompt": "a fox", "seed": 2, "n": 2, "num_inference_steps": 3, "stream": True}
+    with api.stream("POST", "/v1/images/generations", json=body) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        events = [json.loads(line[6:]) for line in response.iter_lines() if line.startswith("data: ")]
+    progress = [e for e in events if e["type"] == "image_generation.progress"]
+    total = progress[0]["total"]  # the scheduler's step count: PNDM adds a warm-up step to 3
+    assert total >= 3 and [e["step"] for e in progress] == list(range(1, total + 1))
+    done = [e for e in events if e["type"] == "image_generation.completed"]
+    assert [e["seed"] for e in done] == [2, 3]
+    plain = generate(api, prompt="a fox", seed=2, n=2).json()["data"]
+    assert [e["b64_json"] for e in done] == [image["b64_json"] for image in plain]
+
+
+def test_health_answers_while_a_batch_runs_and_full_queue_is_429(api, server):
+    url, app = server
+    with ThreadPoolExecutor(4) as pool:
+        slow = pool.submit(generate, api, n=4, num_inference_steps=SLOW_STEPS, seed=1)
+        while api.get("/health").json()["busy_replicas"] == 0:
+            time.sleep(0.02)
+        start = time.monotonic()
+        health = api.get("/health")
+        assert health.status_code == 200 and time.monotonic() - start < 1.0
+        queued = [pool.submit(generate, api, n=4, seed=s) for s in (2, 3, 4)]  # max_queue=3 requests wait
+        while api.get("/health").json()["queued_requests"] < 3:
+            time.sleep(0.02)
+        full = generate(api, seed=9)
+        assert "queue is full" in error_of(full, 429)
+        assert int(full.headers["Retry-After"]) >= 1
+        assert slow.result().status_code == 200
+        assert all(f.result().status_code == 200 for f in queued)
+
+
+def test_client_that_disconnects_frees_its_slots(api, server):
+    url, app = server
+    labels = {"model": "sd", "size": "64x64"}
+    with ThreadPoolExecutor(2) as pool:
+        slow = pool.submit(generate, api, n=4, num_inference_steps=SLOW_STEPS, seed=1)
+        while api.get("/health").json()["busy_replicas"] == 0:
+            time.sleep(0.02)
+        batches = metric(app.state.metrics.render().decode(), "aotdiffusion_batches_total", **labels)
+
+        async def leave_early():
+            async with httpx.AsyncClient(base_url=url, headers={"Authorization": f"Bearer {KEY}"}) as client:
+                request = client.post("/v1/images/generations", json={"prompt": "gone", "n": 3})
+                with pytest.raises(TimeoutError):
+                    await asyncio.wait_for(request, timeout=0.5)
+
+        asyncio.run(leave_early())
+        deadline = time.monotonic() + 5
+        while api.get("/health").json()["queued_requests"] and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert api.get("/health").json()["queued_requests"] == 0
+        assert slow.result().status_code == 200
+    text = app.state.metrics.render().decode()
+    assert metric(text, "aotdiffusion_batches_total", **labels) == batches + 1, "the abandoned request must not run"
+    assert metric(text, "aotdiffusion_queue_depth", **labels) == 0
+
+
+def test_metrics(api, server):
+    _, app = server
+    text = app.state.metrics.render().decode()
+    padded = metric(text, "aotdiffusion_padded_slots_total", model="sd", size="64x64")
+    images = metric(text, "aotdiffusion_images_served_total", model="sd")
+    assert generate(api, n=1, seed=4).status_code == 200  # 1 image in a call of 4: 3 padded slots
+    text = api.get("/metrics").text
+    assert metric(text, "aotdiffusion_padded_slots_total", model="sd", size="64x64") == padded + 3
+    assert metric(text, "aotdiffusion_images_served_total", model="sd") == images + 1
+    for name in (
+        "aotdiffusion_queue_depth",
+        "aotdiffusion_batch_fill_ratio_bucket",
+        "aotdiffusion_request_seconds_bucket",
+    ):
+        assert name in text
+    assert 'aotdiffusion_responses_total{endpoint="/v1/images/generations",status="200"}' in text
+
+
+def test_models_and_health(api):
+    card = api.get("/v1/models/sd").json()
+    assert card["sizes"] == ["64x64"] and card["batch_size"] == 4
+    assert card["tasks"] == ["text-to-image", "image-to-image", "inpainting"]
+    assert api.get("/health").json()["status"] == "ok"
