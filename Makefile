@@ -6,6 +6,10 @@ DEMO := build/demo
 
 .PHONY: setup demo test lint clean
 
+# The serving tests drive the web page in Debian's Chromium (a browser download does not work here).
+CHROMIUM := /usr/bin/chromium
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
 # torch is installed first and pinned to the CPU wheel: left to the resolver, a dependency asking
 # for plain `torch` would pull a multi-GB CUDA build.
 $(VENV)/.installed: pyproject.toml
@@ -25,7 +29,10 @@ demo: setup
 	HF_HUB_OFFLINE=1 $(BIN)/aotdiffusion generate $(DEMO)/tiny-sd-aot "a photo of an astronaut riding a horse on mars" \
 	  --steps 20 --guidance-scale 7.5 --seed 0 --output $(DEMO)/images
 
-test: setup
+$(CHROMIUM):
+	$(SUDO) apt-get install -y -q chromium || ($(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q chromium)
+
+test: setup $(CHROMIUM)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q tests
 
 lint: setup

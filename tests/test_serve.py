@@ -6,6 +6,7 @@ import asyncio
 import json
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -237,3 +238,76 @@ def test_models_and_health(api):
     assert card["sizes"] == ["64x64"] and card["batch_size"] == 4
     assert card["tasks"] == ["text-to-image", "image-to-image", "inpainting"]
     assert api.get("/health").json()["status"] == "ok"
+
+
+def test_replicas_run_side_by_side_and_a_killed_one_is_replaced(sd_batch4):
+    """--replicas 2: two replica processes (one core each) behind one batcher; one killed mid-call is
+    restarted and the call runs again on it, so the client still gets its images."""
+    import os
+    import signal
+
+    from aotdiffusion.serve import create_app
+
+    app = create_app([f"sd={sd_batch4}"], replicas=2, max_wait_ms=50)
+    pool = app.state.registry.models["sd"].exports["64x64"].pool
+    with LiveServer(app) as url, httpx.Client(base_url=url, timeout=300) as api:
+        with ThreadPoolExecutor(2) as threads:
+            both = list(threads.map(lambda s: generate(api, n=4, seed=s), (20, 20)))
+        assert [r.status_code for r in both] == [200, 200]
+        assert metric(app.state.metrics.render().decode(), "aotdiffusion_batches_total", model="sd", size="64x64") == 2
+        # The same request on the two replicas: the same images.
+        assert [d["b64_json"] for d in both[0].json()["data"]] == [d["b64_json"] for d in both[1].json()["data"]]
+
+        old = list(pool.pids)
+        with ThreadPoolExecutor(1) as threads:
+            slow = threads.submit(generate, api, n=4, num_inference_steps=SLOW_STEPS, seed=3)
+            while api.get("/health").json()["busy_replicas"] == 0:
+                time.sleep(0.02)
+            time.sleep(0.5)
+            batcher = app.state.registry.models["sd"].exports["64x64"].batcher
+            (busy,) = set(range(2)) - set(batcher._free)
+            os.kill(old[busy], signal.SIGKILL)
+            response = slow.result()
+        assert response.status_code == 200, response.text
+        assert pool.restarts == 1 and pool.pids[busy] != old[busy] and pool.pids[1 - busy] == old[1 - busy]
+        assert generate(api, seed=4).status_code == 200
+
+
+# Debian's chromium on a closed network: without the background-networking flags it keeps trying
+# Google's hosts; as root it needs --no-sandbox.
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]  # fmt: skip
+SCREENSHOTS = Path(__file__).resolve().parents[1] / "build" / "screenshots"
+
+
+def test_web_page_in_headless_chromium(server):
+    """The page at / in a real browser: type a prompt, click Generate, see step progress, get the image."""
+    from playwright.sync_api import sync_playwright
+
+    url, _ = server
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page()
+            page.goto(url + "/")
+            page.wait_for_selector("#status.error")  # no key yet: the page shows the 401's message
+            assert "API key" in page.inner_text("#status")
+            page.fill("#key", KEY)
+            page.press("#key", "Tab")  # change event: the models load with the key
+            page.wait_for_function("document.querySelectorAll('#model option').length > 0")
+            assert page.input_value("#size") == "64x64"
+            page.fill("#prompt", "a small red house under a starry sky")
+            page.fill("#steps", "60")
+            page.fill("#seed", "42")
+            page.click("#generate")
+            page.wait_for_function("document.getElementById('status').textContent.startsWith('Step')")
+            image = page.wait_for_selector("img.result", timeout=120_000)
+            size = page.evaluate("(img) => img.decode().then(() => [img.naturalWidth, img.naturalHeight])", image)
+            assert size == [64, 64]
+            assert image.get_attribute("title") == "seed 42"
+            SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+            shot = SCREENSHOTS / "serve-page.png"
+            page.screenshot(path=str(shot), full_page=True)
+            assert Image.open(shot).size[0] > 0
+        finally:
+            browser.close()

@@ -192,6 +192,10 @@ class ReplicaPool:
             replica.wait_ready()
         return replica
 
+    @property
+    def pids(self) -> list[int]:
+        return [replica.process.pid for replica in self._replicas]
+
     def alive(self, index: int) -> bool:
         return self._replicas[index].alive()
 
