@@ -20,6 +20,22 @@ def _flag(parser: argparse.ArgumentParser, name: str, **kwargs) -> None:
     parser.add_argument(*spellings, **kwargs)
 
 
+def _ray_flags(parser: argparse.ArgumentParser, what: str) -> None:
+    _flag(parser, "ray", action="store_true", help=what + " (needs the ray extra)")
+    _flag(parser, "num-cpus", type=float, default=1.0, help="with --ray: CPUs each replica reserves (default 1)")
+    _flag(parser, "num-gpus", type=float, default=0.0, help="with --ray: GPUs each replica reserves (default 0)")
+    _flag(parser, "ray-address", default=os.environ.get("RAY_ADDRESS"), help="with --ray: cluster to join "
+          "(default $RAY_ADDRESS; none: start a local one)")  # fmt: skip
+
+
+def _ray_init(args: argparse.Namespace) -> None:
+    try:
+        import ray
+    except ImportError:
+        raise ValueError("--ray needs the ray extra: pip install 'aotdiffusion[ray]'") from None
+    ray.init(address=args.ray_address, include_dashboard=False, log_to_driver=False)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="aotdiffusion", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -93,7 +109,10 @@ def _parser() -> argparse.ArgumentParser:
 
     generate = commands.add_parser("generate", help="generate images with an exported pipeline")
     generate.add_argument("model", help="exported folder or hub repository")
-    generate.add_argument("prompt")
+    generate.add_argument("prompt", nargs="?", help="the prompt (or --prompts FILE with --ray)")
+    _flag(generate, "prompts", type=Path, help="a file of prompts, one per line (or JSONL): offline batch generation")
+    _flag(generate, "replicas", type=int, default=1, help="with --ray: pipeline actors (default 1)")
+    _ray_flags(generate, "run --prompts on Ray Data over an actor pool of compiled pipelines")
     _flag(generate, "negative-prompt")
     _flag(generate, "steps", type=int, default=20, help="denoising steps (default 20)")
     _flag(generate, "guidance-scale", type=float, help="default: diffusers' default for the pipeline")
@@ -136,6 +155,9 @@ def _parser() -> argparse.ArgumentParser:
     _flag(serve, "max-queue", type=int, default=64, help="requests waiting per export before 429 (default 64)")
     _flag(serve, "max-upload-mb", type=float, default=20.0, help="largest request body, in MiB (default 20)")
     _flag(serve, "trust-remote-code", action="store_true", help="serve exports made on another machine")
+    _ray_flags(
+        serve, "deploy on Ray Serve: an ingress plus --replicas model replicas per export, anywhere on the cluster"
+    )
 
     tiny = commands.add_parser("tiny", help="write a tiny random-weight diffusers pipeline (no network)")
     tiny.add_argument("kind", choices=["sd", "sd-inpaint", "lcm", "sdxl", "sdxl-refiner", "lcm-sdxl"])
@@ -224,6 +246,10 @@ def _generate(args: argparse.Namespace) -> None:
     from .pipelines.auto import FAMILIES, family_of, pipeline_class_for
     from .pipelines.base import _local_or_download
 
+    if args.prompts is not None:
+        return _generate_prompts(args)
+    if args.prompt is None:
+        raise ValueError("Give a prompt, or --prompts FILE --ray for a file of them.")
     folder = _local_or_download(args.model, {}, args.trust_remote_code)
     exported_cls = pipeline_class_for(folder, exported=True)
     cls = exported_cls
@@ -289,6 +315,8 @@ def _serve(args: argparse.Namespace) -> None:
             raise ValueError(f"{name} must be at least 1, got {value}.")
     if args.max_wait_ms < 0 or args.max_upload_mb <= 0:
         raise ValueError("--max-wait-ms must be >= 0 and --max-upload-mb > 0.")
+    if args.ray:
+        return _serve_on_ray(args)
     start = time.perf_counter()
     app = create_app(
         args.exports,
@@ -304,6 +332,66 @@ def _serve(args: argparse.Namespace) -> None:
     elapsed = time.perf_counter() - start
     print(f"Loaded {served} in {elapsed:.1f}s; serving on http://{args.host}:{args.port}/", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+
+
+def _serve_on_ray(args: argparse.Namespace) -> None:
+    _ray_init(args)
+    from ray import serve
+
+    from .serve import ray_serve
+
+    start = time.perf_counter()
+    ray_serve.run(
+        args.exports,
+        host=args.host,
+        port=args.port,
+        replicas=args.replicas,
+        num_cpus=args.num_cpus,
+        num_gpus=args.num_gpus,
+        max_wait_ms=args.max_wait_ms,
+        max_queue=args.max_queue,
+        max_upload_bytes=int(args.max_upload_mb * 2**20),
+        api_key=args.api_key or None,
+        trust_remote_code=args.trust_remote_code,
+    )
+    elapsed = time.perf_counter() - start
+    print(
+        f"Deployed on Ray Serve in {elapsed:.1f}s; serving on http://{args.host}:{args.port}/ (Ctrl-C stops)",
+        flush=True,
+    )
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        serve.shutdown()
+
+
+def _generate_prompts(args: argparse.Namespace) -> None:
+    if not args.ray:
+        raise ValueError("--prompts runs offline batch generation on Ray Data: add --ray (and --replicas N).")
+    if args.prompt is not None:
+        raise ValueError("Give either a prompt or --prompts FILE, not both.")
+    if args.replicas < 1:
+        raise ValueError(f"--replicas must be at least 1, got {args.replicas}.")
+    _ray_init(args)
+    from .serve import offline
+
+    start = time.perf_counter()
+    records = offline.generate(
+        args.model,
+        args.prompts,
+        args.output,
+        replicas=args.replicas,
+        num_cpus=args.num_cpus,
+        num_gpus=args.num_gpus,
+        seed=args.seed,
+        negative_prompt=args.negative_prompt,
+        steps=args.steps,
+        guidance_scale=args.guidance_scale,
+        trust_remote_code=args.trust_remote_code,
+    )
+    count = sum(1 for _ in records.open())
+    print(f"{count} image(s) in {time.perf_counter() - start:.1f}s; prompts, seeds and paths in {records}")
 
 
 def _tiny(args: argparse.Namespace) -> None:

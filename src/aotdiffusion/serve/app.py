@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import json
 import secrets
 import time
@@ -123,12 +124,17 @@ def create_app(
     trust_remote_code: bool = False,
     replica_processes: bool = False,
     registry: Registry | None = None,
+    metrics: Metrics | None = None,
 ) -> FastAPI:
-    """The server for ``exports`` (folders, or ``NAME=FOLDER``), with its models loaded."""
-    metrics = Metrics()
+    """The server for ``exports`` (folders, or ``NAME=FOLDER``), with its models loaded.
+
+    ``registry`` (with the ``metrics`` it reports to) replaces loading the exports here: the Ray Serve
+    front passes one whose exports run on Ray Serve deployments.
+    """
+    metrics = metrics or Metrics()
     if registry is None:
         options = ServeOptions(replicas, max_wait_ms, max_queue, trust_remote_code, replica_processes)
-        registry = Registry(exports, options, metrics)
+        registry = Registry.load(exports, options, metrics)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -151,12 +157,12 @@ def create_app(
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
-        batchers = [export.batcher for export in registry.exports()]
+        exports = registry.exports()
         return {
             "status": "ok",
             "models": list(registry.models),
-            "queued_requests": sum(b.queued_requests for b in batchers),
-            "busy_replicas": sum(b.busy_replicas for b in batchers),
+            "queued_requests": sum(export.queued_requests for export in exports),
+            "busy_replicas": sum(export.busy_replicas for export in exports),
         }
 
     @app.get("/metrics")
@@ -199,7 +205,7 @@ def create_app(
             mask_image = await asyncio.to_thread(
                 uploads.read_mask, await mask.read(), original, size, resize=form.resize
             )
-        items = [Item(i.prompt, i.negative_prompt, i.seeds, picture, mask_image) for i in items]
+        items = [dataclasses.replace(item, image=picture, mask=mask_image) for item in items]
         return await _generate(request, export, key, items, form, seeds, "edits")
 
     async def _generate(request, export, key, items, body, seeds, endpoint) -> ImagesResponse:
@@ -215,7 +221,7 @@ def create_app(
         if not work.done() or work.cancelled():
             return JSONResponse({"error": {"message": "client closed the request"}}, status_code=499)
         images = work.result()
-        model = export.batcher.observer.labels["model"]
+        model = export.model_name
         metrics.request_seconds.labels(model=model, endpoint=endpoint).observe(time.monotonic() - start)
         metrics.images_served.labels(model=model).inc(len(images))
         return _response(images, seeds)
@@ -262,7 +268,7 @@ def create_app(
 
 async def _submit(export: ServedExport, key: CallKey, items: list[Item], n: int, on_progress=None) -> list[bytes]:
     try:
-        return await export.batcher.submit(key, items, n, on_progress)
+        return await export.submit(key, items, n, on_progress)
     except QueueFull as full:
         raise APIError(429, str(full), code="queue_full", headers={"Retry-After": str(full.retry_after)}) from None
 
@@ -315,18 +321,9 @@ def _plan(registry: Registry, body: ImageOptions, task: str) -> tuple[ServedExpo
         )  # fmt: skip
     steps = body.num_inference_steps or info.default_steps
     guidance = info.default_guidance_scale if body.guidance_scale is None else body.guidance_scale
-    if not info.guidance_embedding:
-        if guidance > 1 and not info.guidance_batch:
-            raise APIError(
-                400, f"guidance_scale={guidance} needs classifier-free guidance, but model {model.name!r} was compiled "
-                "without it (e.g. a Turbo model). Use guidance_scale <= 1 (0 is usual).", param="guidance_scale",
-            )  # fmt: skip
-        if guidance <= 1 and info.guidance_batch:
-            raise APIError(
-                400, f"guidance_scale={guidance} turns classifier-free guidance off, but model {model.name!r} was "
-                f"compiled for it. Use a guidance_scale above 1 (default {info.default_guidance_scale}).",
-                param="guidance_scale",
-            )  # fmt: skip
+    problem = info.guidance_problem(guidance)
+    if problem is not None:
+        raise APIError(400, f"Model {model.name!r}: {problem}", param="guidance_scale")
     if body.negative_prompt is not None and not (info.guidance_batch and guidance > 1):
         raise APIError(
             400, f"negative_prompt needs classifier-free guidance, which model {model.name!r} does not run. Leave "
@@ -346,7 +343,10 @@ def _plan(registry: Registry, body: ImageOptions, task: str) -> tuple[ServedExpo
     k = info.images_per_prompt
     entries = -(-body.n // k)
     seeds = [first_seed + i for i in range(entries * k)]
-    items = [Item(body.prompt, body.negative_prompt, tuple(seeds[j * k : (j + 1) * k])) for j in range(entries)]
+    items = [
+        Item(body.prompt, body.negative_prompt, tuple(seeds[j * k : (j + 1) * k]), min(k, body.n - j * k))
+        for j in range(entries)
+    ]
     return export, CallKey(task, steps, guidance, strength), items, seeds[: body.n]
 
 

@@ -49,8 +49,26 @@ class Item:
     prompt: str
     negative_prompt: str | None
     seeds: tuple[int, ...]
+    wanted: int  # how many of its images the request asked for (the rest of the entry is padding)
     image: Any = None
     mask: Any = None
+
+
+def pack(key: CallKey, items: list[Item], batch_size: int) -> Batch:
+    """One pipeline call for ``items`` (at most ``batch_size``), padded with copies of the first."""
+    items = items + [items[0]] * (batch_size - len(items))
+    negatives = [item.negative_prompt for item in items]
+    return Batch(
+        task=key.task,
+        prompts=[item.prompt for item in items],
+        negative_prompts=None if all(n is None for n in negatives) else [n or "" for n in negatives],
+        seeds=[seed for item in items for seed in item.seeds],
+        steps=key.steps,
+        guidance_scale=key.guidance_scale,
+        strength=key.strength,
+        images=None if items[0].image is None else [item.image for item in items],
+        masks=None if items[0].mask is None else [item.mask for item in items],
+    )
 
 
 @dataclass(eq=False)
@@ -184,23 +202,6 @@ class Batcher:
         task.add_done_callback(self._running.discard)
         self._observe("queue", self)
 
-    def _batch(self, entries: list[_Entry]) -> Batch:
-        padded = entries + [entries[0]] * (self.batch_size - len(entries))
-        items = [entry.item for entry in padded]
-        key = entries[0].job.key
-        negatives = [item.negative_prompt for item in items]
-        return Batch(
-            task=key.task,
-            prompts=[item.prompt for item in items],
-            negative_prompts=None if all(n is None for n in negatives) else [n or "" for n in negatives],
-            seeds=[seed for item in items for seed in item.seeds],
-            steps=key.steps,
-            guidance_scale=key.guidance_scale,
-            strength=key.strength,
-            images=None if items[0].image is None else [item.image for item in items],
-            masks=None if items[0].mask is None else [item.mask for item in items],
-        )
-
     async def _run(self, replica: int, entries: list[_Entry]) -> None:
         loop = asyncio.get_running_loop()
         jobs = list({id(entry.job): entry.job for entry in entries}.values())
@@ -209,10 +210,11 @@ class Batcher:
             loop.call_soon_threadsafe(self._progress, jobs, message)
 
         k = self.images_per_prompt
-        wanted = sum(min(k, entry.job.wanted - entry.index * k) for entry in entries)
+        wanted = sum(entry.item.wanted for entry in entries)
         start = time.monotonic()
         try:
-            images = await loop.run_in_executor(self._executor, self.run, replica, self._batch(entries), report)
+            batch = pack(entries[0].job.key, [entry.item for entry in entries], self.batch_size)
+            images = await loop.run_in_executor(self._executor, self.run, replica, batch, report)
             error = None
         except Exception as failure:  # reaches every request in the call, as a server error
             images, error = None, failure

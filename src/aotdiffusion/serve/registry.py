@@ -9,7 +9,7 @@ from typing import Any
 
 from .. import artifact
 from ..runtime.parallel import ReplicaError, ReplicaPool, default_cpu_groups
-from .batcher import Batcher
+from .batcher import Batcher, CallKey, Item
 from .errors import APIError
 from .metrics import Metrics
 from .runner import FACTORY, Batch, ExportInfo, Runner
@@ -37,9 +37,14 @@ def parse_spec(spec: str | Path) -> tuple[str, Path]:
 
 
 class ServedExport:
-    """One export: the replicas that run it and the batcher that feeds them."""
+    """One export: the replicas that run it and the batcher that feeds them.
+
+    What the HTTP front uses of it (``info``, ``model_name``, ``submit``, ``queued_requests``,
+    ``busy_replicas``, ``close``) is also what the Ray Serve front provides.
+    """
 
     def __init__(self, name: str, folder: Path, options: ServeOptions, metrics: Metrics):
+        self.model_name = name
         self.info = ExportInfo.read(folder)
         _, block = artifact.read_pipeline_index(folder)
         artifact.check_origin(block, folder, options.trust_remote_code)  # before any compiled code is loaded
@@ -60,6 +65,17 @@ class ServedExport:
             observer=metrics.for_export(name, self.info.size),
         )
 
+    async def submit(self, key: CallKey, items: list[Item], wanted: int, on_progress=None) -> list[bytes]:
+        return await self.batcher.submit(key, items, wanted, on_progress)
+
+    @property
+    def queued_requests(self) -> int:
+        return self.batcher.queued_requests
+
+    @property
+    def busy_replicas(self) -> int:
+        return self.batcher.busy_replicas
+
     def _run(self, replica: int, batch: Batch, report) -> list[bytes]:
         if self.runner is not None:
             return self.runner(batch, report)
@@ -76,6 +92,27 @@ class ServedExport:
         await self.batcher.close()
         if self.pool is not None:
             self.pool.close()
+
+
+def check_specs(specs: Sequence[str | Path]) -> list[tuple[str, Path]]:
+    """(name, folder) per served export, refused before anything loads when a folder or size clashes."""
+    if not specs:
+        raise ValueError("Serve at least one export folder.")
+    seen: dict[tuple[str, str], Path] = {}
+    parsed = []
+    for spec in specs:
+        name, folder = parse_spec(spec)
+        if not folder.is_dir():
+            raise FileNotFoundError(f"{folder} is not a folder with an exported pipeline.")
+        size = ExportInfo.read(folder).size
+        if (name, size) in seen:
+            raise ValueError(
+                f"{seen[name, size]} and {folder} are both model {name!r} at {size}: serve one, or name them apart "
+                "(NAME=FOLDER)."
+            )
+        seen[name, size] = folder
+        parsed.append((name, folder))
+    return parsed
 
 
 def _devices(device: str, replicas: int) -> list[Any]:
@@ -111,28 +148,26 @@ class ServedModel:
 
 
 class Registry:
-    """Models by name, loaded from export folders (``NAME=FOLDER`` joins exports of one model at several sizes)."""
+    """Models by name; :meth:`load` reads export folders (``NAME=FOLDER``: one model at several sizes)."""
 
-    def __init__(self, specs: Sequence[str | Path], options: ServeOptions, metrics: Metrics):
-        if not specs:
-            raise ValueError("Serve at least one export folder.")
-        self.models: dict[str, ServedModel] = {}
+    def __init__(self, models: dict[str, ServedModel]):
+        self.models = models
+
+    @classmethod
+    def load(cls, specs: Sequence[str | Path], options: ServeOptions, metrics: Metrics) -> Registry:
+        models: dict[str, ServedModel] = {}
         try:
-            for spec in specs:
-                name, folder = parse_spec(spec)
-                if not folder.is_dir():
-                    raise FileNotFoundError(f"{folder} is not a folder with an exported pipeline.")
-                model = self.models.setdefault(name, ServedModel(name))
-                size = ExportInfo.read(folder).size
-                if size in model.exports:
-                    raise ValueError(
-                        f"Two exports of model {name!r} at {size}: serve one, or name them apart (NAME=FOLDER)."
-                    )
-                model.exports[size] = ServedExport(name, folder, options, metrics)
+            for name, folder in check_specs(specs):
+                model = models.setdefault(name, ServedModel(name))
+                model.exports[ExportInfo.read(folder).size] = ServedExport(name, folder, options, metrics)
                 model.created = model.created or int(folder.stat().st_mtime)
         except BaseException:
-            self.close_pools()
+            for model in models.values():
+                for export in model.exports.values():
+                    if export.pool is not None:
+                        export.pool.close()
             raise
+        return cls(models)
 
     def model(self, name: str | None) -> ServedModel:
         if name is None:
@@ -146,12 +181,6 @@ class Registry:
 
     def exports(self) -> list[ServedExport]:
         return [export for model in self.models.values() for export in model.exports.values()]
-
-    def close_pools(self) -> None:
-        for model in self.models.values():
-            for export in model.exports.values():
-                if export.pool is not None:
-                    export.pool.close()
 
     async def close(self) -> None:
         for export in self.exports():

@@ -50,6 +50,22 @@ class ExportInfo:
         """Images one pipeline call makes."""
         return self.batch_size * self.images_per_prompt
 
+    def guidance_problem(self, guidance_scale: float) -> str | None:
+        """Why ``guidance_scale`` cannot run on this export's compiled UNet, or None when it can."""
+        if self.guidance_embedding:
+            return None
+        if guidance_scale > 1 and not self.guidance_batch:
+            return (
+                f"guidance_scale={guidance_scale} needs classifier-free guidance, but this export was compiled without "
+                "it (e.g. a Turbo model). Use guidance_scale <= 1 (0 is usual)."
+            )
+        if guidance_scale <= 1 and self.guidance_batch:
+            return (
+                f"guidance_scale={guidance_scale} turns classifier-free guidance off, but this export was compiled for "
+                f"it. Use a guidance_scale above 1 (default {self.default_guidance_scale})."
+            )
+        return None
+
     @classmethod
     def read(cls, folder: str | Path) -> ExportInfo:
         import inspect
