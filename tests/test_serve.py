@@ -22,7 +22,9 @@ SLOW_STEPS = 400  # long enough (seconds on the tiny model) to hold a replica bu
 def server(sd_batch4):
     from aotdiffusion.serve import create_app
 
-    app = create_app([f"sd={sd_batch4}"], max_wait_ms=400, max_queue=3, api_key=KEY, max_upload_bytes=2**20)
+    app = create_app(
+        [f"sd={sd_batch4}"], max_wait_ms=400, max_queue=3, api_key=KEY, max_upload_bytes=2**20, max_steps=SLOW_STEPS
+    )
     with LiveServer(app) as url:
         yield url, app
 
@@ -106,6 +108,7 @@ def test_request_errors_in_openai_shape(api):
     assert "not a parameter" in error_of(generate(api, steps=3), 400, "steps")
     error_of(generate(api, n=11), 400, "n")
     error_of(generate(api, num_inference_steps=0), 400, "num_inference_steps")
+    assert "--max-steps" in error_of(generate(api, num_inference_steps=SLOW_STEPS + 1), 400, "num_inference_steps")
     error_of(api.post("/v1/images/generations", content=b'{"prompt": "x", "guidance_scale": NaN}',
                       headers={"Content-Type": "application/json"}), 400, "guidance_scale")  # fmt: skip
     error_of(
@@ -248,7 +251,7 @@ def test_replicas_run_side_by_side_and_a_killed_one_is_replaced(sd_batch4):
 
     from aotdiffusion.serve import create_app
 
-    app = create_app([f"sd={sd_batch4}"], replicas=2, max_wait_ms=50)
+    app = create_app([f"sd={sd_batch4}"], replicas=2, max_wait_ms=50, max_steps=SLOW_STEPS)
     pool = app.state.registry.models["sd"].exports["64x64"].pool
     with LiveServer(app) as url, httpx.Client(base_url=url, timeout=300) as api:
         with ThreadPoolExecutor(2) as threads:

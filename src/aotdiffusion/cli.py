@@ -154,7 +154,14 @@ def _parser() -> argparse.ArgumentParser:
     _flag(serve, "max-wait-ms", type=float, default=50.0, help="how long a partial batch waits for more requests")
     _flag(serve, "max-queue", type=int, default=64, help="requests waiting per export before 429 (default 64)")
     _flag(serve, "max-upload-mb", type=float, default=20.0, help="largest request body, in MiB (default 20)")
+    _flag(serve, "max-steps", type=int, default=150, help="most denoising steps a request may ask for (default 150)")
     _flag(serve, "trust-remote-code", action="store_true", help="serve exports made on another machine")
+    _flag(
+        serve,
+        "no-batching",
+        action="store_true",
+        help="one request per pipeline call (the baseline `aotdiffusion bench-serve` compares batching with)",
+    )
     _ray_flags(
         serve, "deploy on Ray Serve: an ingress plus --replicas model replicas per export, anywhere on the cluster"
     )
@@ -192,6 +199,16 @@ def _parser() -> argparse.ArgumentParser:
     )
     _flag(bench, "compile-mode", help="torch.compile mode for the compile-* variants (e.g. max-autotune)")
     bench.add_argument("output", type=Path, nargs="?", default=Path("bench-results"))
+
+    load = commands.add_parser(
+        "bench-serve", help="load-test `serve`: dynamic batching against one request per call, same exports"
+    )
+    load.add_argument("exports", nargs="+", help="export folders served as one model (one per size)")
+    _flag(load, "clients", type=int, default=16, help="concurrent clients (default 16)")
+    _flag(load, "requests", type=int, default=200, help="requests in all (default 200)")
+    _flag(load, "steps", type=int, default=4, help="denoising steps per request (default 4)")
+    _flag(load, "max-wait-ms", type=float, default=100.0, help="the batching server's --max-wait-ms (default 100)")
+    _flag(load, "output", type=Path, default=Path("bench-serve-results"))
     return parser
 
 
@@ -316,6 +333,8 @@ def _serve(args: argparse.Namespace) -> None:
     if args.max_wait_ms < 0 or args.max_upload_mb <= 0:
         raise ValueError("--max-wait-ms must be >= 0 and --max-upload-mb > 0.")
     if args.ray:
+        if args.no_batching:
+            raise ValueError("--no-batching is for the local server; on Ray, Ray Serve's batching packs the calls.")
         return _serve_on_ray(args)
     start = time.perf_counter()
     app = create_app(
@@ -324,8 +343,10 @@ def _serve(args: argparse.Namespace) -> None:
         max_wait_ms=args.max_wait_ms,
         max_queue=args.max_queue,
         max_upload_bytes=int(args.max_upload_mb * 2**20),
+        max_steps=args.max_steps,
         api_key=args.api_key or None,
         trust_remote_code=args.trust_remote_code,
+        batching=not args.no_batching,
     )
     models = app.state.registry.models
     served = ", ".join(f"{name} ({' '.join(model.sizes)})" for name, model in models.items())
@@ -351,6 +372,7 @@ def _serve_on_ray(args: argparse.Namespace) -> None:
         max_wait_ms=args.max_wait_ms,
         max_queue=args.max_queue,
         max_upload_bytes=int(args.max_upload_mb * 2**20),
+        max_steps=args.max_steps,
         api_key=args.api_key or None,
         trust_remote_code=args.trust_remote_code,
     )
@@ -424,10 +446,33 @@ def _bench(args: argparse.Namespace) -> None:
     run(dataclasses.replace(config, **quick))
 
 
+def _bench_serve(args: argparse.Namespace) -> None:
+    from .bench.serving import LoadConfig, run
+
+    if args.clients < 1 or args.requests < 1:
+        raise ValueError("--clients and --requests must be at least 1.")
+    config = LoadConfig(
+        exports=[str(e) for e in args.exports],
+        clients=args.clients,
+        requests=args.requests,
+        steps=args.steps,
+        max_wait_ms=args.max_wait_ms,
+        output_dir=str(args.output),
+    )
+    run(config)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        {"export": _export, "generate": _generate, "serve": _serve, "tiny": _tiny, "bench": _bench}[args.command](args)
+        {
+            "export": _export,
+            "generate": _generate,
+            "serve": _serve,
+            "tiny": _tiny,
+            "bench": _bench,
+            "bench-serve": _bench_serve,
+        }[args.command](args)
     except (ValueError, FileExistsError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

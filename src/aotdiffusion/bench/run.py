@@ -56,8 +56,8 @@ def _report(results, config: BenchConfig, model, shapes, exports, out: Path, une
         if reference is not None:
             r["psnr_vs_eager_fp32_db"] = _psnr(np.load(out / f"{variant}.npy"), np.load(out / "eager-fp32.npy"))
     report = {
-        "hardware": _hardware(),
-        "versions": _versions(),
+        "hardware": hardware(),
+        "versions": versions(),
         "shapes": {**shapes, "steps": config.steps, "guidance_scale": config.guidance_scale},
         "model": model,
         "aot_dir": exports["float"][0],
@@ -235,7 +235,7 @@ def _peaks(quick: bool) -> dict[str, float]:
     return peaks
 
 
-def _hardware() -> dict[str, Any]:
+def hardware() -> dict[str, Any]:
     model = next(
         (line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
          if line.startswith("model name")),
@@ -250,7 +250,7 @@ def _hardware() -> dict[str, Any]:
     }
 
 
-def _versions() -> dict[str, str]:
+def versions() -> dict[str, str]:
     import diffusers
     import transformers
 

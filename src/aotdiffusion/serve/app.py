@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Form, Request
-from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
 from ..pipelines.auto import IMAGE_TO_IMAGE, INPAINTING, TEXT_TO_IMAGE
@@ -40,6 +40,9 @@ from .schema import (
 )
 
 DEFAULT_MAX_UPLOAD_BYTES = 20 * 2**20
+EVENT_TYPES = ("image_generation.progress", "image_generation.completed", "error")
+# An operator's cap on the work one request may ask for (diffusers' own default is 50 steps).
+DEFAULT_MAX_STEPS = 150
 PAGE = Path(__file__).with_name("page.html")
 ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 404, 413, 429, 500)}
 
@@ -120,9 +123,11 @@ def create_app(
     max_wait_ms: float = 50.0,
     max_queue: int = 64,
     max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
+    max_steps: int = DEFAULT_MAX_STEPS,
     api_key: str | None = None,
     trust_remote_code: bool = False,
     replica_processes: bool = False,
+    batching: bool = True,
     registry: Registry | None = None,
     metrics: Metrics | None = None,
 ) -> FastAPI:
@@ -133,7 +138,7 @@ def create_app(
     """
     metrics = metrics or Metrics()
     if registry is None:
-        options = ServeOptions(replicas, max_wait_ms, max_queue, trust_remote_code, replica_processes)
+        options = ServeOptions(replicas, max_wait_ms, max_queue, trust_remote_code, replica_processes, batching)
         registry = Registry.load(exports, options, metrics)
 
     @asynccontextmanager
@@ -141,6 +146,12 @@ def create_app(
         yield
         await registry.close()
 
+    for export in registry.exports():
+        if export.info.default_steps > max_steps:
+            raise ValueError(
+                f"--max-steps {max_steps} is below the {export.info.default_steps} steps model {export.model_name!r} "
+                "runs when a request names none: every such request would be refused. Raise --max-steps."
+            )
     app = FastAPI(
         title="aotdiffusion",
         version="1",
@@ -165,8 +176,9 @@ def create_app(
             "busy_replicas": sum(export.busy_replicas for export in exports),
         }
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse, responses={200: {"content": {CONTENT_TYPE: {}}}})
     async def prometheus() -> Response:
+        """Prometheus metrics, in its text format."""
         return Response(metrics.render(), media_type=CONTENT_TYPE)
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
@@ -181,9 +193,19 @@ def create_app(
     async def get_model(model_id: str) -> ModelCard:
         return _card(registry.model(model_id))
 
-    @app.post("/v1/images/generations", dependencies=guarded, responses=ERRORS)
+    # Each event's data: {"type": "image_generation.progress", "step", "total"}, then per image
+    # {"type": "image_generation.completed", "index", "b64_json", "seed", ...}, or {"type": "error", "error"}.
+    payload = {"type": "object", "required": ["type"], "properties": {"type": {"enum": list(EVENT_TYPES)}}}
+    event = {"type": "object", "required": ["event", "data"], "properties": {
+        "event": {"enum": list(EVENT_TYPES)},
+        "data": {"type": "string", "contentMediaType": "application/json", "contentSchema": payload},
+    }}  # fmt: skip
+    streamed = {200: {"content": {"text/event-stream": {"schema": event}},
+                      "description": "JSON, or server-sent events with stream=true"}}  # fmt: skip
+
+    @app.post("/v1/images/generations", dependencies=guarded, responses={**ERRORS, **streamed})
     async def generations(body: GenerationRequest, request: Request) -> ImagesResponse:
-        export, key, items, seeds = _plan(registry, body, TEXT_TO_IMAGE)
+        export, key, items, seeds = _plan(registry, body, TEXT_TO_IMAGE, max_steps)
         if body.stream:
             return _stream(export, key, items, body, seeds)
         return await _generate(request, export, key, items, body, seeds, "generations")
@@ -195,7 +217,7 @@ def create_app(
     ) -> ImagesResponse:
         image, mask = form.image, form.mask
         task = INPAINTING if mask is not None else IMAGE_TO_IMAGE
-        export, key, items, seeds = _plan(registry, form, task)
+        export, key, items, seeds = _plan(registry, form, task, max_steps)
         size = (export.info.width, export.info.height)
         image_data = await image.read()
         picture = await asyncio.to_thread(uploads.read_image, image_data, size, resize=form.resize)
@@ -303,7 +325,9 @@ def _card(model) -> ModelCard:
     )  # fmt: skip
 
 
-def _plan(registry: Registry, body: ImageOptions, task: str) -> tuple[ServedExport, CallKey, list[Item], list[int]]:
+def _plan(
+    registry: Registry, body: ImageOptions, task: str, max_steps: int
+) -> tuple[ServedExport, CallKey, list[Item], list[int]]:
     """Checks a request against the model it names; returns the call it needs and its prompt entries."""
     if body.response_format == "url":
         raise APIError(
@@ -320,6 +344,11 @@ def _plan(registry: Registry, body: ImageOptions, task: str) -> tuple[ServedExpo
             + ("(Image input needs an export with the VAE encoder.)" if task != TEXT_TO_IMAGE else ""), param=param,
         )  # fmt: skip
     steps = body.num_inference_steps or info.default_steps
+    if steps > max_steps:
+        raise APIError(
+            400, f"num_inference_steps={steps} is more than this server allows ({max_steps}, --max-steps). Ask for "
+            f"{max_steps} or fewer.", param="num_inference_steps",
+        )  # fmt: skip
     guidance = info.default_guidance_scale if body.guidance_scale is None else body.guidance_scale
     problem = info.guidance_problem(guidance)
     if problem is not None:

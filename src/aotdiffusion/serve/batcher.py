@@ -106,10 +106,13 @@ class Batcher:
         max_wait_s: float,
         max_queue: int,
         observer: Any = None,
+        batching: bool = True,
     ):
         self.run = run
         self.batch_size, self.images_per_prompt = batch_size, images_per_prompt
         self.max_wait_s, self.max_queue = max_wait_s, max_queue
+        # False: one request per pipeline call, at once (the baseline the load benchmark compares with).
+        self.batching = batching
         self.observer = observer
         self._free = list(range(replicas))
         self._replicas = replicas
@@ -167,6 +170,9 @@ class Batcher:
     # ---------------------------------------------------------------------------- dispatching
     def _ready(self) -> tuple[list[_Entry] | None, float | None]:
         """Entries of the first call that should run now, else how long until one should."""
+        if not self.batching:
+            job = self._pending[0].job
+            return [entry for entry in self._pending if entry.job is job][: self.batch_size], None
         groups: dict[CallKey, list[_Entry]] = {}
         for entry in self._pending:
             groups.setdefault(entry.job.key, []).append(entry)

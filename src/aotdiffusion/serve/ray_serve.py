@@ -135,6 +135,7 @@ def build(
     max_wait_ms: float = 50.0,
     max_queue: int = 64,
     max_upload_bytes: int | None = None,
+    max_steps: int | None = None,
     api_key: str | None = None,
     trust_remote_code: bool = False,
 ):
@@ -152,6 +153,8 @@ def build(
     options: dict[str, Any] = {"api_key": api_key, "max_queue": max_queue}
     if max_upload_bytes is not None:
         options["max_upload_bytes"] = max_upload_bytes
+    if max_steps is not None:
+        options["max_steps"] = max_steps
     # The ingress only awaits: no CPU reserved, and enough concurrent requests for max_queue of them.
     return Ingress.options(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=max_queue + 16).bind(
         exports, options

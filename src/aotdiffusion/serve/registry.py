@@ -24,6 +24,8 @@ class ServeOptions:
     # Replicas as processes even when there is one (as Ray and a replica-kill test need); with one
     # replica the default runs it in the server's process.
     replica_processes: bool = False
+    # False runs each request in a pipeline call of its own (padded): the load benchmark's baseline.
+    batching: bool = True
 
 
 def parse_spec(spec: str | Path) -> tuple[str, Path]:
@@ -63,6 +65,7 @@ class ServedExport:
             max_wait_s=options.max_wait_ms / 1000,
             max_queue=options.max_queue,
             observer=metrics.for_export(name, self.info.size),
+            batching=options.batching,
         )
 
     async def submit(self, key: CallKey, items: list[Item], wanted: int, on_progress=None) -> list[bytes]:
