@@ -208,6 +208,13 @@ def _parser() -> argparse.ArgumentParser:
     _flag(load, "requests", type=int, default=200, help="requests in all (default 200)")
     _flag(load, "steps", type=int, default=4, help="denoising steps per request (default 4)")
     _flag(load, "max-wait-ms", type=float, default=100.0, help="the batching server's --max-wait-ms (default 100)")
+    _flag(load, "max-n", type=int, help="images per request drawn from 1..MAX_N (default: the compiled batch)")
+    _flag(
+        load,
+        "deployment",
+        help="instead of the load test: start->health, start->first image and images/min for these replica "
+        "counts, e.g. 1,2 (one export, full size)",
+    )
     _flag(load, "output", type=Path, default=Path("bench-serve-results"))
     return parser
 
@@ -451,12 +458,21 @@ def _bench_serve(args: argparse.Namespace) -> None:
 
     if args.clients < 1 or args.requests < 1:
         raise ValueError("--clients and --requests must be at least 1.")
+    if args.deployment:
+        from .bench.serving import deployment
+
+        if len(args.exports) != 1:
+            raise ValueError("--deployment measures one export; pass one folder.")
+        counts = [int(c) for c in args.deployment.split(",")]
+        deployment(str(args.exports[0]), replicas=counts, steps=args.steps, output_dir=str(args.output))
+        return
     config = LoadConfig(
         exports=[str(e) for e in args.exports],
         clients=args.clients,
         requests=args.requests,
         steps=args.steps,
         max_wait_ms=args.max_wait_ms,
+        max_n=args.max_n,
         output_dir=str(args.output),
     )
     run(config)
