@@ -62,7 +62,8 @@ def eager_sd(tiny_sd):
 def _export(tiny_sd: Path, folder: Path, **kwargs) -> Path:
     from aotdiffusion import AOTStableDiffusionPipeline
 
-    AOTStableDiffusionPipeline.from_pretrained(tiny_sd, export=True, export_dir=folder, height=64, width=64, **kwargs)
+    kwargs = {"height": 64, "width": 64, **kwargs}
+    AOTStableDiffusionPipeline.from_pretrained(tiny_sd, export=True, export_dir=folder, **kwargs)
     return folder
 
 
@@ -252,3 +253,12 @@ def sd_deep_cache(tiny_sd, tmp_path_factory) -> Path:
 def sd_batch4(tiny_sd, tmp_path_factory) -> Path:
     """Four prompts per call, fp32: the serving tests pack requests into it and compare images exactly."""
     return _export(tiny_sd, tmp_path_factory.mktemp("exports") / "sd-batch4", auto_cast="none", batch_size=4)
+
+
+@pytest.fixture(scope="session")
+def sd_bf16_wide(tiny_sd, tmp_path_factory) -> Path:
+    """96x64 (width x height), two prompts per call, bf16 matmuls, no VAE encoder: a second size for serving."""
+    return _export(
+        tiny_sd, tmp_path_factory.mktemp("exports") / "sd-bf16-wide", width=96, batch_size=2, auto_cast="matmul",
+        auto_cast_type="bf16", vae_encoder=False,
+    )  # fmt: skip

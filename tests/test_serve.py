@@ -314,3 +314,78 @@ def test_web_page_in_headless_chromium(server):
             assert Image.open(shot).size[0] > 0
         finally:
             browser.close()
+
+
+# bf16 against itself in another batch: the tolerance bf16 gets against eager fp32 (test_pipeline.py).
+BF16_ATOL, BF16_MIN_PSNR = 0.05, 35.0
+
+
+def test_several_models_and_sizes(sd_batch4, sd_bf16_wide, sd_fp32):
+    """One model at two compiled sizes (fp32 batch 4 and bf16 batch 2) plus a second model; bf16 batched
+    images stay within bf16's tolerance of their solo images."""
+    from aotdiffusion.serve import create_app
+
+    app = create_app([f"sd={sd_batch4}", f"sd={sd_bf16_wide}", f"one={sd_fp32}"], max_wait_ms=400)
+    with LiveServer(app) as url, httpx.Client(base_url=url, timeout=120) as api:
+        cards = {card["id"]: card for card in api.get("/v1/models").json()["data"]}
+        assert cards["sd"]["sizes"] == ["64x64", "96x64"] and cards["one"]["sizes"] == ["64x64"]
+        assert "64x64, 96x64" in error_of(generate(api, model="sd", size="32x32"), 400, "size")
+        assert decode(generate(api, model="one", seed=1).json()["data"][0]["b64_json"]).shape == (64, 64, 3)
+        bodies = [dict(model="sd", size="96x64", prompt="a red fox", seed=3),
+                  dict(model="sd", size="96x64", prompt="a blue car", seed=8)]  # fmt: skip
+        with ThreadPoolExecutor(2) as pool:
+            together = list(pool.map(lambda body: generate(api, **body), bodies))
+        wide = app.state.registry.models["sd"].exports["96x64"]
+        text = app.state.metrics.render().decode()
+        assert metric(text, "aotdiffusion_batches_total", model="sd", size="96x64") == 1, "both in one call"
+        for body, response in zip(bodies, together):
+            batched = decode(response.json()["data"][0]["b64_json"]) / 255.0
+            solo = decode(generate(api, **body).json()["data"][0]["b64_json"]) / 255.0
+            assert batched.shape == (64, 96, 3)
+            difference = float(np.abs(batched - solo).max())
+            assert difference < BF16_ATOL
+            if difference > 0:
+                assert 10 * np.log10(1 / float(((batched - solo) ** 2).mean())) > BF16_MIN_PSNR
+        assert wide.info.tasks == ("text-to-image",)
+        files = {"image": ("i.png", png(Image.new("RGB", (96, 64))), "image/png")}
+        response = api.post("/v1/images/edits", data={"prompt": "x", "model": "sd", "size": "96x64"}, files=files)
+        assert "VAE encoder" in error_of(response, 400, "image")
+    with pytest.raises(ValueError, match="both model 'sd' at 64x64"):
+        create_app([f"sd={sd_batch4}", f"sd={sd_fp32}"])
+
+
+def test_serve_command(sd_fp32):
+    """`aotdiffusion serve` in its own process: ready on /health, answers, stops cleanly on Ctrl-C."""
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    command = [sys.executable, "-m", "aotdiffusion.cli", "serve", str(sd_fp32), "--port", str(port)]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "HF_HUB_OFFLINE": "1"})  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert process.poll() is None, process.communicate()
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
+                    break
+            except httpx.HTTPError:
+                assert time.monotonic() < deadline, "the server did not become ready"
+                time.sleep(0.2)
+        name = sd_fp32.name
+        assert [m["id"] for m in httpx.get(f"http://127.0.0.1:{port}/v1/models").json()["data"]] == [name]
+        response = httpx.post(f"http://127.0.0.1:{port}/v1/images/generations", timeout=120,
+                              json={"prompt": "a cat", "num_inference_steps": 2})  # fmt: skip
+        assert response.status_code == 200
+    finally:
+        process.send_signal(signal.SIGINT)
+        out, err = process.communicate(timeout=60)
+    assert process.returncode == 0, err
+    assert f"serving on http://127.0.0.1:{port}/" in out
+    assert "Traceback" not in err

@@ -344,22 +344,25 @@ def _serve(args: argparse.Namespace) -> None:
             raise ValueError("--no-batching is for the local server; on Ray, Ray Serve's batching packs the calls.")
         return _serve_on_ray(args)
     start = time.perf_counter()
-    app = create_app(
-        args.exports,
-        replicas=args.replicas,
-        max_wait_ms=args.max_wait_ms,
-        max_queue=args.max_queue,
-        max_upload_bytes=int(args.max_upload_mb * 2**20),
-        max_steps=args.max_steps,
-        api_key=args.api_key or None,
-        trust_remote_code=args.trust_remote_code,
-        batching=not args.no_batching,
-    )
+    app = create_app(args.exports, **_server_options(args), batching=not args.no_batching)
     models = app.state.registry.models
     served = ", ".join(f"{name} ({' '.join(model.sizes)})" for name, model in models.items())
     elapsed = time.perf_counter() - start
     print(f"Loaded {served} in {elapsed:.1f}s; serving on http://{args.host}:{args.port}/", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+
+
+def _server_options(args: argparse.Namespace) -> dict:
+    """What `serve` and `serve --ray` both pass on."""
+    return {
+        "replicas": args.replicas,
+        "max_wait_ms": args.max_wait_ms,
+        "max_queue": args.max_queue,
+        "max_upload_bytes": int(args.max_upload_mb * 2**20),
+        "max_steps": args.max_steps,
+        "api_key": args.api_key or None,
+        "trust_remote_code": args.trust_remote_code,
+    }
 
 
 def _serve_on_ray(args: argparse.Namespace) -> None:
@@ -370,19 +373,9 @@ def _serve_on_ray(args: argparse.Namespace) -> None:
 
     start = time.perf_counter()
     ray_serve.run(
-        args.exports,
-        host=args.host,
-        port=args.port,
-        replicas=args.replicas,
-        num_cpus=args.num_cpus,
-        num_gpus=args.num_gpus,
-        max_wait_ms=args.max_wait_ms,
-        max_queue=args.max_queue,
-        max_upload_bytes=int(args.max_upload_mb * 2**20),
-        max_steps=args.max_steps,
-        api_key=args.api_key or None,
-        trust_remote_code=args.trust_remote_code,
-    )
+        args.exports, host=args.host, port=args.port, num_cpus=args.num_cpus, num_gpus=args.num_gpus,
+        **_server_options(args),
+    )  # fmt: skip
     elapsed = time.perf_counter() - start
     print(
         f"Deployed on Ray Serve in {elapsed:.1f}s; serving on http://{args.host}:{args.port}/ (Ctrl-C stops)",

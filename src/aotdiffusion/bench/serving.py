@@ -80,7 +80,9 @@ def plan(config: LoadConfig, sizes: list[str], batch: int) -> list[tuple[dict[st
     return requests
 
 
-async def drive(url: str, requests: list[tuple[dict, int]], clients: int) -> tuple[list[Outcome], float]:
+async def drive(
+    url: str, requests: list[tuple[dict, int]], clients: int, timeout: float = 600
+) -> tuple[list[Outcome], float]:
     """Sends every request with ``clients`` at a time; returns the outcomes and the wall time."""
     outcomes = [Outcome(body, expected) for body, expected in requests]
     queue: asyncio.Queue[Outcome] = asyncio.Queue()
@@ -105,7 +107,7 @@ async def drive(url: str, requests: list[tuple[dict, int]], clients: int) -> tup
                 outcome.error = f"{type(error).__name__}: {error}"
             outcome.seconds = time.perf_counter() - start
 
-    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as http:
+    async with httpx.AsyncClient(base_url=url, timeout=timeout, limits=limits) as http:
         start = time.perf_counter()
         await asyncio.gather(*(client(http) for _ in range(clients)))
         return outcomes, time.perf_counter() - start
@@ -174,6 +176,14 @@ def start_server(
     raise RuntimeError("the server did not answer /health within 600 s")
 
 
+def _stop(process: subprocess.Popen) -> None:
+    process.send_signal(signal.SIGINT)  # as Ctrl-C: the server closes its replicas
+    try:
+        process.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        process.kill()
+
+
 def _peak_rss_gib(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
@@ -201,11 +211,7 @@ def measure(config: LoadConfig, *, batching: bool, sizes: list[str], batch: int)
         checks = verify(url, outcomes, config.steps)
         peak = _peak_rss_gib(process.pid)
     finally:
-        process.send_signal(signal.SIGINT)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
+        _stop(process)
     good = [o for o in outcomes if o.expected == 200 and o.status == 200]
     latencies = sorted(o.seconds for o in good)
     images = sum(len(o.images) for o in good)
@@ -296,16 +302,13 @@ def deployment(export: str, *, replicas: list[int], steps: int, output_dir: str)
                 http.post("/v1/images/generations", json=body).raise_for_status()
                 first = time.perf_counter() - start
             requests = [({**body, "seed": i}, 200) for i in range(2 * count)]  # two rounds over the replicas
-            outcomes, wall = asyncio.run(drive(url, requests, len(requests)))
+            # Full-size images on a CPU take minutes each, and the second round waits for the first.
+            outcomes, wall = asyncio.run(drive(url, requests, len(requests), timeout=4 * 3600))
             if any(o.status != 200 for o in outcomes):
                 raise RuntimeError(f"a request failed: {[o.error for o in outcomes if o.status != 200]}")
             peak = _peak_rss_gib(process.pid)
         finally:
-            process.send_signal(signal.SIGINT)
-            try:
-                process.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                process.kill()
+            _stop(process)
         rows.append({"replicas": count, "ready_s": ready, "first_image_s": first, "images": len(outcomes),
                      "wall_s": wall, "images_per_min": 60 * len(outcomes) / wall,
                      "server_peak_rss_gib": peak})  # fmt: skip

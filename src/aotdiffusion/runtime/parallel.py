@@ -86,14 +86,20 @@ def _worker(conn: Connection, factory: str, args: list, device: Device) -> None:
     except Exception as error:  # the parent re-raises it with the replica's device
         _send(conn, ("error", error))
         return
-    while True:
-        request = _recv(conn)
-        if request is None:
-            return
-        try:
-            _send(conn, ("ok", serve(request, lambda message: _send(conn, ("progress", message)))))
-        except Exception as error:
-            _send(conn, ("error", error))
+    try:
+        while True:
+            request = _recv(conn)
+            if request is None:
+                return
+            try:
+                result = ("ok", serve(request, lambda message: _send(conn, ("progress", message))))
+            except ConnectionError:  # our own pipe broke while reporting progress
+                raise
+            except Exception as error:
+                result = ("error", error)
+            _send(conn, result)
+    except (EOFError, ConnectionError):
+        return  # the pool went away (closed, or its process ended): nobody is left to answer
 
 
 class _Replica:
