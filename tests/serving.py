@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import io
 import threading
@@ -57,7 +56,3 @@ def metric(text: str, name: str, **labels: str) -> float:
         if series_name == name and found == wanted:
             return float(value)
     return 0.0
-
-
-def run_async(coroutine):
-    return asyncio.new_event_loop().run_until_complete(coroutine)
