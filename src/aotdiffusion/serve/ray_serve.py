@@ -141,14 +141,13 @@ def build(
 ):
     """The bound Ray Serve application (``serve.run(build(...))``): an ingress and a deployment per export."""
     exports = []
-    for name, folder in check_specs(specs):
-        info = ExportInfo.read(folder)
+    for name, info in check_specs(specs):
         deployment = ExportDeployment.options(
             name=f"{name}-{info.size}",
             num_replicas=replicas,
             ray_actor_options={"num_cpus": num_cpus, "num_gpus": num_gpus},
             max_ongoing_requests=ONGOING_BATCHES * info.batch_size,
-        ).bind(str(Path(folder).resolve()), trust_remote_code, max_wait_ms / 1000)
+        ).bind(str(info.folder.resolve()), trust_remote_code, max_wait_ms / 1000)
         exports.append((name, info, deployment))
     options: dict[str, Any] = {"api_key": api_key, "max_queue": max_queue}
     if max_upload_bytes is not None:

@@ -45,9 +45,9 @@ class ServedExport:
     ``busy_replicas``, ``close``) is also what the Ray Serve front provides.
     """
 
-    def __init__(self, name: str, folder: Path, options: ServeOptions, metrics: Metrics):
-        self.model_name = name
-        self.info = ExportInfo.read(folder)
+    def __init__(self, name: str, info: ExportInfo, options: ServeOptions, metrics: Metrics):
+        self.model_name, self.info = name, info
+        folder = info.folder
         _, block = artifact.read_pipeline_index(folder)
         artifact.check_origin(block, folder, options.trust_remote_code)  # before any compiled code is loaded
         self.pool: ReplicaPool | None = None
@@ -97,8 +97,8 @@ class ServedExport:
             self.pool.close()
 
 
-def check_specs(specs: Sequence[str | Path]) -> list[tuple[str, Path]]:
-    """(name, folder) per served export, refused before anything loads when a folder or size clashes."""
+def check_specs(specs: Sequence[str | Path]) -> list[tuple[str, ExportInfo]]:
+    """(name, what its manifest says) per served export, refused before anything loads when a folder or size clashes."""
     if not specs:
         raise ValueError("Serve at least one export folder.")
     seen: dict[tuple[str, str], Path] = {}
@@ -107,14 +107,15 @@ def check_specs(specs: Sequence[str | Path]) -> list[tuple[str, Path]]:
         name, folder = parse_spec(spec)
         if not folder.is_dir():
             raise FileNotFoundError(f"{folder} is not a folder with an exported pipeline.")
-        size = ExportInfo.read(folder).size
+        info = ExportInfo.read(folder)
+        size = info.size
         if (name, size) in seen:
             raise ValueError(
                 f"{seen[name, size]} and {folder} are both model {name!r} at {size}: serve one, or name them apart "
                 "(NAME=FOLDER)."
             )
         seen[name, size] = folder
-        parsed.append((name, folder))
+        parsed.append((name, info))
     return parsed
 
 
@@ -160,10 +161,10 @@ class Registry:
     def load(cls, specs: Sequence[str | Path], options: ServeOptions, metrics: Metrics) -> Registry:
         models: dict[str, ServedModel] = {}
         try:
-            for name, folder in check_specs(specs):
+            for name, info in check_specs(specs):
                 model = models.setdefault(name, ServedModel(name))
-                model.exports[ExportInfo.read(folder).size] = ServedExport(name, folder, options, metrics)
-                model.created = model.created or int(folder.stat().st_mtime)
+                model.exports[info.size] = ServedExport(name, info, options, metrics)
+                model.created = model.created or int(info.folder.stat().st_mtime)
         except BaseException:
             for model in models.values():
                 for export in model.exports.values():
