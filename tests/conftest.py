@@ -17,6 +17,11 @@ import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# The sha256 record of verified files (checksums.py) goes to a folder of this run, not the user's cache.
+if "AOTDIFFUSION_CACHE_DIR" not in os.environ:
+    import tempfile
+
+    os.environ["AOTDIFFUSION_CACHE_DIR"] = tempfile.mkdtemp(prefix="aotdiffusion-test-cache-")
 
 PROMPT = "a photo of an astronaut riding a horse on mars"
 STEPS = 4

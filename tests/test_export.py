@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import numpy as np
 import pytest
 import torch
 
-from aotdiffusion import artifact
+from aotdiffusion import artifact, checksums
 from aotdiffusion.export.compile import CompilerOptions, compile_component
 from aotdiffusion.export.pipeline import default_shapes, export_pipeline
 from aotdiffusion.export.precision import Precision
@@ -35,9 +36,10 @@ def test_validation_catches_a_corrupted_component(eager_sd, tmp_path):
             eager_sd, tmp_path / "out", shapes, CompilerOptions(Precision("none")),
             pipeline_class="AOTStableDiffusionPipeline", compile_fn=compile_corrupted, log=lambda _: None,
         )  # fmt: skip
+    assert list(tmp_path.iterdir()) == []  # a failed export leaves neither the target nor its partial folder
 
 
-def test_manifest_records_what_a_reload_needs(sd_fp32):
+def test_manifest_records_what_a_reload_needs(sd_fp32, tiny_sd):
     index = json.loads((sd_fp32 / "model_index.json").read_text())
     block = index["aotdiffusion"]
     assert index["_class_name"] == "StableDiffusionPipeline"
@@ -53,13 +55,20 @@ def test_manifest_records_what_a_reload_needs(sd_fp32):
     assert manifest["static"]["batch_size"] == 2  # the guidance batch, recorded
     assert [i["name"] for i in manifest["graphs"][0]["inputs"]] == ["sample", "timestep", "encoder_hidden_states"]
     assert manifest["graphs"][0]["inputs"][1] == {"name": "timestep", "shape": [2], "dtype": "float32"}
-    assert manifest["weights"] == {"storage": "embedded"}
+    assert manifest["graphs"][0]["file"] == "compiled"
+    weights = manifest["weights"]
+    assert weights["storage"] == "external" and weights["file"].endswith("_weights.blob")
+    library = [name for name in manifest["files"] if name.endswith(".so")]
+    assert len(library) == 1 and weights["file"] in manifest["files"]  # code and weights: separate files
+    # Code only: the weights are not inside the library (the fp32 UNet's weights are several times its size).
+    assert (sd_fp32 / "unet" / library[0]).stat().st_size < manifest["files"][weights["file"]]["bytes"]
     assert manifest["precision"] == {"auto_cast": "none", "auto_cast_type": "auto"}
     assert manifest["cpu_isa"] == artifact.cpu_isa()
     assert set(manifest["cpu_flags"]) == set(artifact.required_cpu_flags(artifact.cpu_isa())) <= artifact.cpu_flags()
     assert set(manifest["versions"]) >= {"torch", "diffusers", "transformers", "aotdiffusion"}
-    record = manifest["files"]["model.pt2"]
-    assert record["sha256"] == artifact.sha256_file(sd_fp32 / "unet" / "model.pt2")
+    record = manifest["files"][weights["file"]]
+    assert record["sha256"] == checksums.sha256_file(sd_fp32 / "unet" / weights["file"])
+    assert index["aotdiffusion"]["format_version"] == 2 and index["aotdiffusion"]["source"] == str(tiny_sd)
     assert manifest["validation"]["passed"] and manifest["validation"]["max_rel_error"] < 1e-3
     text = json.loads((sd_fp32 / "text_encoder" / "config.json").read_text())["aotdiffusion"]
     assert "final_layer_norm.safetensors" in text["files"]
@@ -86,20 +95,58 @@ def _edit_manifest(folder, component, **changes):
     path.write_text(json.dumps(config))
 
 
-def test_truncated_package_is_reported(copy_of, load):
-    package = copy_of / "unet" / "model.pt2"
-    package.write_bytes(package.read_bytes()[:1000])
-    with pytest.raises(artifact.ArtifactError, match=r"unet/model.pt2 has 1000 bytes but was exported with"):
+def _component_file(folder, component, suffix):
+    manifest = json.loads((folder / component / "config.json").read_text())["aotdiffusion"]
+    return folder / component / next(name for name in manifest["files"] if name.endswith(suffix))
+
+
+def test_truncated_weights_are_reported(copy_of, load):
+    weights = _component_file(copy_of, "unet", "_weights.blob")
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(artifact.ArtifactError, match=rf"{weights.name} has 1000 bytes but was exported with"):
         load(copy_of)
 
 
-def test_checksum_is_verified_on_request(copy_of, load):
-    package = copy_of / "vae_decoder" / "model.pt2"
-    data = bytearray(package.read_bytes())
+def _flip_a_byte(path):
+    data = bytearray(path.read_bytes())
     data[-100] ^= 0xFF
-    package.write_bytes(bytes(data))
-    with pytest.raises(artifact.ArtifactError, match="does not match its recorded sha256"):
+    stat = path.stat()
+    path.write_bytes(bytes(data))
+    return stat
+
+
+def test_altered_file_is_caught_by_its_sha256_on_the_next_load(copy_of, load):
+    weights = _component_file(copy_of, "vae_decoder", "_weights.blob")
+    _flip_a_byte(weights)  # same size, new mtime: the remembered check no longer applies
+    with pytest.raises(artifact.ArtifactError, match=rf"{weights.name} does not match the sha256 its export recorded"):
+        load(copy_of)
+
+
+def test_sha256_is_read_once_then_remembered_by_size_and_mtime(copy_of, load, monkeypatch):
+    library = _component_file(copy_of, "unet", ".so")
+    hashed = []
+    sha256_file = checksums.sha256_file
+    monkeypatch.setattr(checksums, "sha256_file", lambda path, *a: hashed.append(path.name) or sha256_file(path, *a))
+    load(copy_of)  # a copy: new paths, each file hashed on its first load
+    assert library.name in hashed
+    hashed.clear()
+    load(copy_of)
+    assert hashed == []  # remembered: nothing read again
+    # Altered with size and mtime put back, the remembered check cannot see it; verify_checksums=True reads all.
+    stat = _flip_a_byte(library)
+    os.utime(library, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    with pytest.raises(artifact.ArtifactError, match=rf"{library.name} does not match the sha256"):
         load(copy_of, verify_checksums=True)
+
+
+def test_a_file_taken_from_another_export_is_refused(copy_of, sd_bf16_cli, load):
+    ours, theirs = (_component_file(folder, "vae_decoder", ".so") for folder in (copy_of, sd_bf16_cli[0]))
+    if ours.name != theirs.name:  # another graph compiles to another library name: put it under ours
+        ours.unlink()
+    shutil.copy(theirs, ours)
+    shutil.copystat(copy_of / "unet" / "config.json", ours)
+    with pytest.raises(artifact.ArtifactError, match=rf"{ours.name} (has .* bytes|does not match the sha256)"):
+        load(copy_of)
 
 
 def test_foreign_cpu_isa_is_refused(copy_of, load):
@@ -120,6 +167,18 @@ def test_other_format_version_is_refused(copy_of, load):
     _edit_manifest(copy_of, "text_encoder", format_version=99)
     with pytest.raises(artifact.ArtifactError, match="uses artifact format 99.*Export the model again"):
         load(copy_of)
+
+
+def test_a_format_1_export_names_its_version_and_the_command_that_re_exports_it(copy_of, load, tiny_sd):
+    index = json.loads((copy_of / "model_index.json").read_text())
+    index["aotdiffusion"]["format_version"] = 1
+    (copy_of / "model_index.json").write_text(json.dumps(index))
+    command = f"`aotdiffusion export --model {tiny_sd} {copy_of}-v2`"
+    with pytest.raises(artifact.ArtifactError, match=r"uses artifact format 1 \(format 1 kept code and weights in one"):
+        load(copy_of)
+    with pytest.raises(artifact.ArtifactError) as raised:
+        load(copy_of)
+    assert command in str(raised.value)
 
 
 def test_plain_diffusers_folder_says_how_to_export(tiny_sd, load):

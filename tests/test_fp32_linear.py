@@ -2,21 +2,15 @@
 
 from __future__ import annotations
 
-import zipfile
-
 import pytest
 import torch
 
+from aotdiffusion import artifact
 from aotdiffusion.export.choose_precision import choose_fp32_linear
 from aotdiffusion.export.compile import CompilerOptions, compile_component
 from aotdiffusion.export.precision import Precision
 from aotdiffusion.export.validate import validate_component
 from aotdiffusion.runtime.compiled import CompiledComponent
-
-
-def _generated_code(folder) -> str:
-    with zipfile.ZipFile(folder / "model.pt2") as archive:
-        return "".join(archive.read(n).decode() for n in archive.namelist() if n.endswith(".wrapper.cpp"))
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +25,7 @@ def text_encoder(eager_sd):
 def test_fp32_linears_run_the_kernel_asked_for_and_match_eager(text_encoder, kernel, tmp_path):
     options = CompilerOptions(Precision("none"), fp32_linear=kernel)
     manifest = compile_component(text_encoder, options, tmp_path)
-    code = _generated_code(tmp_path)
+    code = artifact.generated_code(tmp_path)
     packed = code.count("aoti_torch_cpu__linear_pointwise")  # oneDNN, prepacked
     if kernel == "onednn":
         assert packed > 0

@@ -27,7 +27,7 @@ def test_int8_export_calls_int8_kernels_in_both_unet_graphs(sd_int8):
         manifest = _manifest(sd_int8, name)
         quantization = manifest["quantization"]
         # The generated code calls oneDNN's int8 convolutions and linears: no silent fp32 fallback (ao #4566).
-        kernels = int8_kernels(sd_int8 / name / "model.pt2")
+        kernels = int8_kernels(sd_int8 / name)
         assert quantization["kernels"] == kernels
         assert any(k.startswith("qconv") for k in kernels) and any(k.startswith("qlinear") for k in kernels)
         assert quantization["activation_bits"] in (7, 8) and quantization["calibration_calls"] >= 2

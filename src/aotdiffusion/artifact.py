@@ -5,11 +5,13 @@ Layout of an exported folder::
     model_index.json            diffusers' index plus an "aotdiffusion" block (pipeline class, shapes)
     scheduler/ tokenizer/       saved by diffusers / transformers, loaded by them
     <component>/config.json     the original model config plus an "aotdiffusion" block (this module)
-    <component>/model.pt2       an AOTInductor package
+    <component>/compiled/       an AOTInductor package, stored unpacked: the shared library (code
+                                only) and, beside it, ``*_weights.blob`` with the frozen weights
 
+Format 2 stores the package unpacked so that a load opens the library and maps the weights in place;
+format 1 kept one ``model.pt2`` zip that every load extracted to a temporary folder (seconds per GB).
 The component block lists its compiled graphs (``graphs``) rather than holding one, so that a
-component can later carry several static shapes, and it states where weights live (``weights``), so
-that weights can later move out of the compiled code without a new format version.
+component can later carry several static shapes, and it states where weights live (``weights``).
 """
 
 from __future__ import annotations
@@ -17,12 +19,16 @@ from __future__ import annotations
 import hashlib
 import json
 import platform
+import shutil
+import zipfile
 from pathlib import Path
 from typing import Any
 
+from . import checksums
+
 MANIFEST_KEY = "aotdiffusion"
-FORMAT_VERSION = 1
-PACKAGE_FILE = "model.pt2"
+FORMAT_VERSION = 2
+PACKAGE_DIR = "compiled"
 CONFIG_FILE = "config.json"
 MODEL_INDEX_FILE = "model_index.json"
 
@@ -129,16 +135,32 @@ def check_origin(block: dict[str, Any], where: str | Path, trust_remote_code: bo
     )
 
 
-def sha256_file(path: Path, chunk: int = 1 << 24) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
+def unpack_package(package: Path, target: Path) -> None:
+    """Extracts an AOTInductor ``.pt2`` zip into ``target`` (its top folder, named after the file, dropped)."""
+    with zipfile.ZipFile(package) as archive:
+        for member in archive.infolist():
+            relative = Path(*Path(member.filename).parts[1:])
+            if member.is_dir() or not relative.parts:
+                continue
+            destination = target / relative
+            destination.parent.mkdir(parents=True, exist_ok=True)
+            with archive.open(member) as source, open(destination, "wb") as out:
+                shutil.copyfileobj(source, out, 1 << 24)
 
 
-def file_record(path: Path) -> dict[str, Any]:
-    return {"sha256": sha256_file(path), "bytes": path.stat().st_size}
+def package_files(folder: Path) -> list[Path]:
+    """Every file of a component's unpacked package, relative to the component folder, in a stable order."""
+    return sorted(path.relative_to(folder) for path in (folder / PACKAGE_DIR).rglob("*") if path.is_file())
+
+
+def weights_file(folder: Path) -> Path | None:
+    """The frozen weights AOTInductor wrote beside the library (relative to ``folder``), if any."""
+    return next((path for path in package_files(folder) if path.name.endswith("_weights.blob")), None)
+
+
+def generated_code(folder: Path) -> str:
+    """The C++ AOTInductor generated for a component (kept beside the library: what tests and int8 checks read)."""
+    return "".join((folder / path).read_text() for path in package_files(folder) if path.name.endswith(".wrapper.cpp"))
 
 
 def read_json(path: Path) -> dict[str, Any]:
@@ -173,8 +195,8 @@ def read_component(folder: Path, *, verify_checksums: bool = False) -> tuple[dic
     """Returns (original model config, manifest block) for one compiled component.
 
     Checks everything that would otherwise fail deep inside the compiled code: the format version,
-    the device, the CPU's vector ISA and the files' sizes (and sha256 when asked: it reads every byte,
-    which costs seconds on a full-size UNet, so it is opt-in).
+    the device, the CPU's vector ISA, the files' sizes and their sha256. A file's sha256 is read on
+    its first load and remembered (see ``checksums``); ``verify_checksums=True`` reads every byte again.
     """
     config_path = folder / CONFIG_FILE
     if not config_path.is_file():
@@ -185,6 +207,7 @@ def read_component(folder: Path, *, verify_checksums: bool = False) -> tuple[dic
         raise ArtifactError(f"{config_path} has no `{MANIFEST_KEY}` block: {folder.name} was not exported here.")
     _check_format(manifest, config_path)
     check_device(manifest, folder.name)
+    expected = {}
     for name, record in manifest["files"].items():
         path = folder / name
         if not path.is_file():
@@ -195,18 +218,27 @@ def read_component(folder: Path, *, verify_checksums: bool = False) -> tuple[dic
                 f"{path} has {size} bytes but was exported with {record['bytes']}: the file is truncated or "
                 "was replaced. Download or export it again."
             )
-        if verify_checksums and sha256_file(path) != record["sha256"]:
-            raise ArtifactError(f"{path} does not match its recorded sha256: the file is corrupt. Export it again.")
+        expected[path] = record["sha256"]
+    bad = checksums.unverified(expected, always=verify_checksums)
+    if bad:
+        raise ArtifactError(
+            f"{bad[0]} does not match the sha256 its export recorded: the file is corrupt, was altered or comes "
+            "from another export. Download or export it again."
+        )
     return config, manifest
 
 
 def _check_format(block: dict[str, Any], where: Path) -> None:
     found = block.get("format_version")
-    if found != FORMAT_VERSION:
-        raise ArtifactError(
-            f"{where} uses artifact format {found}, this aotdiffusion ({package_version()}) reads format "
-            f"{FORMAT_VERSION}. Export the model again with this version."
-        )
+    if found == FORMAT_VERSION:
+        return
+    source = block.get("source") or "MODEL_ID_OR_FOLDER"
+    folder = where.parent if where.name == MODEL_INDEX_FILE else where.parent.parent
+    hint = " (format 1 kept code and weights in one .pt2 that every load extracted)" if found == 1 else ""
+    raise ArtifactError(
+        f"{where} uses artifact format {found}{hint}; this aotdiffusion ({package_version()}) reads format "
+        f"{FORMAT_VERSION}. Export the model again: `aotdiffusion export --model {source} {folder}-v{FORMAT_VERSION}`."
+    )
 
 
 def check_device(manifest: dict[str, Any], name: str) -> None:

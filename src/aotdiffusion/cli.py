@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 from .bench.variants import DEFAULT_VARIANTS, VARIANTS
+from .export.staging import DiskFullError
 
 TASKS = ["auto", "stable-diffusion", "stable-diffusion-xl", "latent-consistency"]
 
@@ -42,6 +43,12 @@ def _parser() -> argparse.ArgumentParser:
 
     export = commands.add_parser("export", help="compile a diffusers pipeline ahead of time into a folder")
     export.add_argument("output", type=Path, help="folder to write the compiled pipeline to (must be new or empty)")
+    _flag(
+        export,
+        "overwrite",
+        action="store_true",
+        help="replace what OUTPUT holds; the old export stays until the new one is complete",
+    )
     _flag(export, "model", required=True, help="hub model id or local diffusers folder")
     _flag(
         export, "task", default="auto", choices=sorted(TASKS), help="pipeline family (default: from model_index.json)"
@@ -256,6 +263,7 @@ def _export(args: argparse.Namespace) -> None:
         num_images_per_prompt=args.num_images_per_prompt,
         classifier_free_guidance=args.classifier_free_guidance,
         split_guidance_batch=args.split_guidance_batch,
+        overwrite=args.overwrite,
         **hub,
     )
     print(f"Exported to {args.output} in {time.perf_counter() - start:.0f}s. Generate with:")
@@ -482,7 +490,7 @@ def main(argv: list[str] | None = None) -> int:
             "bench": _bench,
             "bench-serve": _bench_serve,
         }[args.command](args)
-    except (ValueError, FileExistsError, FileNotFoundError) as error:
+    except (ValueError, FileExistsError, FileNotFoundError, DiskFullError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     return 0

@@ -1,4 +1,4 @@
-"""torch.export + AOTInductor for one component: trace, compile to a ``.pt2`` package, write its manifest."""
+"""torch.export + AOTInductor for one component: trace, compile to a package stored unpacked, write its manifest."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from .. import artifact
+from .. import artifact, checksums
 from .choose_precision import FP32_LINEAR_KERNELS
 from .components import ComponentSpec
 from .precision import Precision, PrecisionWrapper, full_precision_matmuls, low_precision_weights
@@ -54,6 +54,14 @@ class CompilerOptions:
     def inductor_configs(self) -> dict[str, Any]:
         return {"freezing": self.freezing}
 
+    def package_configs(self) -> dict[str, Any]:
+        """How the package stores weights: outside the shared library, as one blob file AOTInductor maps at
+        load (artifact format 2). Packaging only: the generated kernels are the same."""
+        return {
+            "aot_inductor.package_constants_in_so": False,
+            "aot_inductor.package_constants_on_disk_format": "binary_blob",
+        }
+
     def to_dict(self) -> dict[str, Any]:
         quantize = {"quantize": self.quantize} if self.quantize != "none" else {}
         linear = {"fp32_linear": self.fp32_linear} if self.fp32_linear != "onednn" else {}
@@ -94,7 +102,7 @@ def compile_component(spec: ComponentSpec, options: CompilerOptions, folder: Pat
     """Compiles ``spec`` into ``folder`` and writes ``config.json``; returns the manifest block."""
     folder.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    package = folder / artifact.PACKAGE_FILE
+    package = folder / f"{artifact.PACKAGE_DIR}.pt2"
     quantization = None
     with low_precision_weights(spec.module, options.precision):
         program = trace(spec, options)
@@ -115,14 +123,19 @@ def compile_component(spec: ComponentSpec, options: CompilerOptions, folder: Pat
         try:
             with torch.no_grad(), quiet_int8_lowering(), _fp32_linears_unpacked(options.fp32_linear == "mkl"):
                 torch._inductor.aoti_compile_and_package(
-                    program, package_path=str(package), inductor_configs=options.inductor_configs()
+                    program,
+                    package_path=str(package),
+                    inductor_configs={**options.inductor_configs(), **options.package_configs()},
                 )
         except Exception as error:
             raise ExportError(f"AOTInductor failed to compile {spec.name}: {error}") from error
         del program
+    # Stored unpacked: a load then opens the library and maps the weights where they lie.
+    artifact.unpack_package(package, folder / artifact.PACKAGE_DIR)
+    package.unlink()
     compiled = time.perf_counter()
     if quantization is not None:
-        kernels = int8_kernels(package)
+        kernels = int8_kernels(folder)
         if not kernels:
             raise ExportError(
                 f"{spec.name}: the int8 graph compiled to fp32 kernels (no oneDNN qconv/qlinear in its code); "
@@ -130,12 +143,12 @@ def compile_component(spec: ComponentSpec, options: CompilerOptions, folder: Pat
             )
         quantization["kernels"] = kernels
 
-    files = {artifact.PACKAGE_FILE: artifact.file_record(package)}
+    files = {str(path): checksums.file_record(folder / path) for path in artifact.package_files(folder)}
     extra = {}
     for name, module in spec.extra_state.items():
         path = folder / f"{name}.safetensors"
         save_file({k: v.detach().float().cpu().contiguous() for k, v in module.state_dict().items()}, path)
-        files[path.name] = artifact.file_record(path)
+        files[path.name] = checksums.file_record(path)
         extra[name] = {
             "file": path.name,
             "class": f"{type(module).__module__}.{type(module).__qualname__}",
@@ -157,12 +170,16 @@ def compile_component(spec: ComponentSpec, options: CompilerOptions, folder: Pat
         "static": spec.static,
         "graphs": [
             {
-                "file": artifact.PACKAGE_FILE,
+                "file": artifact.PACKAGE_DIR,
                 "inputs": [_tensor_spec(name, t) for name, t in example.items()],
                 "outputs": spec.output_names,
             }
         ],
-        "weights": {"storage": "embedded"},
+        "weights": {
+            "storage": "external",
+            "file": str(artifact.weights_file(folder)),
+            "format": "AOTInductor binary blob: the frozen (folded, oneDNN-prepacked) constants",
+        },
         "output_class": spec.output_class,
         "extra_state": extra,
         "files": files,

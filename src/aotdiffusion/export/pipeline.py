@@ -16,9 +16,10 @@ from typing import Any
 import torch
 from diffusers import DiffusionPipeline
 
-from .. import artifact
+from .. import artifact, checksums
 from ..runtime.compiled import CompiledComponent
 from ..shapes import PipelineShapes
+from . import staging
 from .choose_precision import INT8, LinearChoice, choose, choose_fp32_linear, dominant_ops
 from .compile import CompilerOptions, compile_component, write_manifest
 from .components import ComponentSpec, text_encoder_spec, unet_spec, vae_decoder_spec, vae_encoder_spec
@@ -149,8 +150,12 @@ def export_pipeline(
     log: Callable[[str], None] | None = None,
     compile_fn: Callable[[ComponentSpec, CompilerOptions, Path], dict] = compile_component,
     release_weights: bool = False,
+    overwrite: bool = False,
 ) -> list[ComponentResult]:
     """Writes an exported pipeline to ``output_dir``; returns one result per component.
+
+    The export is written beside ``output_dir`` and moved there when complete (export/staging.py):
+    a non-empty ``output_dir`` is an error unless ``overwrite``, and is replaced only by a complete export.
 
     ``compile_fn`` is the per-component compiler (a seam for tests that need a broken artifact).
     ``release_weights`` frees each eager text encoder and UNet once compiled and validated, so that a
@@ -160,79 +165,82 @@ def export_pipeline(
     # Flushed: the progress of a many-minute export must show when stdout is a log file too.
     log = log or partial(print, flush=True)
     output = Path(output_dir)
-    if output.exists() and any(output.iterdir()):
-        raise FileExistsError(f"{output} is not empty; choose a new output folder or remove it first.")
-    output.mkdir(parents=True, exist_ok=True)
-    pipe.set_progress_bar_config(disable=True)
-    specs = component_specs(pipe, shapes, options.precision, vae_encoder=vae_encoder, deep_cache=deep_cache)
-    log(
-        f"Exporting {type(pipe).__name__} to {output}: {shapes.batch_size} prompt(s) x "
-        f"{shapes.num_images_per_prompt} image(s), {shapes.height}x{shapes.width}, "
-        f"guidance batch {'on' if shapes.classifier_free_guidance else 'off'}, {options.precision.describe()} "
-        f"on {options.device}"
-    )
-    int8 = options.quantize == "int8"
-    if int8:
-        unet = next(spec for spec in specs if spec.role == "unet")
+    with staging.staged(output, overwrite=overwrite) as folder:
+        pipe.set_progress_bar_config(disable=True)
+        specs = component_specs(pipe, shapes, options.precision, vae_encoder=vae_encoder, deep_cache=deep_cache)
         log(
-            f"Recording int8 calibration inputs: the eager pipeline on {len(CALIBRATION_PROMPTS)} built-in prompts, "
-            f"{CALIBRATION_STEPS} steps each"
+            f"Exporting {type(pipe).__name__} to {output}: {shapes.batch_size} prompt(s) x "
+            f"{shapes.num_images_per_prompt} image(s), {shapes.height}x{shapes.width}, "
+            f"guidance batch {'on' if shapes.classifier_free_guidance else 'off'}, {options.precision.describe()} "
+            f"on {options.device}"
         )
-        with _heartbeat(log, "calibration"):
-            unet.calibration = record_unet_inputs(pipe, list(unet.example_inputs()), shapes)
-    results = []
-    chosen: dict[str, str] = {}
-    for i, spec in enumerate(specs, 1):
-        step = f"[{i}/{len(specs)}] {spec.name}"
-        # The shallow step-caching graph is int8 only with its full UNet, whose calibration outputs hold its feature.
-        quantizable = int8 and spec.role in QUANTIZED_ROLES and (spec.role == "unet" or chosen.get("unet") == INT8)
-        if quantizable and spec.role != "unet":
-            spec.calibration = _shallow_calibration(next(s for s in specs if s.role == "unet"))
-        choice = ops = None
-        tries = [replace(options, quantize="none")]
-        if options.precision.is_auto or quantizable:
-            ops = dominant_ops(spec)  # traced once on fake tensors, for both timings below
-            only = None  # auto: every float type; else int8 is timed against the one the user asked for
-            if not options.precision.is_auto:
-                only = "fp32" if options.precision.auto_cast == "none" else options.precision.auto_cast_type
-            timed = " against int8" if quantizable else ""
-            log(f"{step}: timing {only or 'fp32/bf16/fp16'}{timed} on this {options.device} to choose its type")
-            choice = choose(spec, options.device, int8=quantizable, only=only, ops=ops)
-            log(f"{step}: {choice.describe()}")
-            if quantizable and choice.ranked[0] != INT8:
-                log(f"{step}: int8 is not faster than {choice.ranked[0]} on this {options.device}: not quantized")
-            tries = [_options_for(options, name) for name in choice.ranked]
-        linear_choice = None
-        if options.fp32_linear == "auto" and any(_runs_fp32_linears(t) for t in tries):
-            linear_choice = choose_fp32_linear(spec, options.device, ops=ops)
+        int8 = options.quantize == "int8"
+        if int8:
+            unet = next(spec for spec in specs if spec.role == "unet")
+            log(
+                f"Recording int8 calibration inputs: the eager pipeline on {len(CALIBRATION_PROMPTS)} built-in "
+                f"prompts, {CALIBRATION_STEPS} steps each"
+            )
+            with _heartbeat(log, "calibration"):
+                unet.calibration = record_unet_inputs(pipe, list(unet.example_inputs()), shapes)
+        results = []
+        hashed: dict[str, dict] = {}  # component -> the files its manifest records
+        chosen: dict[str, str] = {}
+        for i, spec in enumerate(specs, 1):
+            step = f"[{i}/{len(specs)}] {spec.name}"
+            # The shallow step-caching graph is int8 only with its full UNet, whose calibration outputs hold
+            # its feature.
+            quantizable = int8 and spec.role in QUANTIZED_ROLES and (spec.role == "unet" or chosen.get("unet") == INT8)
+            if quantizable and spec.role != "unet":
+                spec.calibration = _shallow_calibration(next(s for s in specs if s.role == "unet"))
+            choice = ops = None
+            tries = [replace(options, quantize="none")]
+            if options.precision.is_auto or quantizable:
+                ops = dominant_ops(spec)  # traced once on fake tensors, for both timings below
+                only = None  # auto: every float type; else int8 is timed against the one the user asked for
+                if not options.precision.is_auto:
+                    only = "fp32" if options.precision.auto_cast == "none" else options.precision.auto_cast_type
+                timed = " against int8" if quantizable else ""
+                log(f"{step}: timing {only or 'fp32/bf16/fp16'}{timed} on this {options.device} to choose its type")
+                choice = choose(spec, options.device, int8=quantizable, only=only, ops=ops)
+                log(f"{step}: {choice.describe()}")
+                if quantizable and choice.ranked[0] != INT8:
+                    log(f"{step}: int8 is not faster than {choice.ranked[0]} on this {options.device}: not quantized")
+                tries = [_options_for(options, name) for name in choice.ranked]
+            linear_choice = None
+            if options.fp32_linear == "auto" and any(_runs_fp32_linears(t) for t in tries):
+                linear_choice = choose_fp32_linear(spec, options.device, ops=ops)
+                if linear_choice is not None:
+                    log(f"{step}: {linear_choice.describe()}")
+            tries = [_with_fp32_linear(t, linear_choice) for t in tries]
+            for attempt, spec_options in enumerate(tries):
+                manifest, report = _compile_and_validate(spec, spec_options, folder / spec.name, step, validate, log,
+                                                         compile_fn, last=attempt == len(tries) - 1)  # fmt: skip
+                if manifest is not None:
+                    break
+            if choice is not None:
+                chosen[spec.name] = INT8 if spec_options.quantize == INT8 else spec_options.precision.auto_cast_type
+                manifest["precision_choice"] = {**choice.to_dict(), "chosen": chosen[spec.name]}
             if linear_choice is not None:
-                log(f"{step}: {linear_choice.describe()}")
-        tries = [_with_fp32_linear(t, linear_choice) for t in tries]
-        for attempt, spec_options in enumerate(tries):
-            manifest, report = _compile_and_validate(spec, spec_options, output / spec.name, step, validate, log,
-                                                     compile_fn, last=attempt == len(tries) - 1)  # fmt: skip
-            if manifest is not None:
-                break
-        if choice is not None:
-            chosen[spec.name] = INT8 if spec_options.quantize == INT8 else spec_options.precision.auto_cast_type
-            manifest["precision_choice"] = {**choice.to_dict(), "chosen": chosen[spec.name]}
-        if linear_choice is not None:
-            manifest["fp32_linear_choice"] = {**linear_choice.to_dict(), "used": spec_options.fp32_linear}
-        if choice is not None or linear_choice is not None:
-            write_manifest(output / spec.name, spec.config, manifest)
-        # The shallow step-caching graph, compiled after the UNet, runs the same UNet weights: freed after it.
-        last_use = ("text_encoder", "unet_deep_cache" if deep_cache else "unet")
-        if release_weights and spec.role in last_use:
-            spec.module.to("meta")  # the VAE's encoder and decoder share one module: kept
-        size = sum(record["bytes"] for record in manifest["files"].values())
-        timings = manifest["timings"]
-        results.append(ComponentResult(spec.name, timings["trace_s"], timings["compile_s"], size, report))
-        log(
-            f"[{i}/{len(specs)}] {spec.name}: done in {timings['trace_s'] + timings['compile_s']:.1f}s, "
-            f"{size / 2**20:.1f} MiB" + (f", max rel error {report.max_rel_error:.2e}" if report else ", not validated")
-        )
-    save_uncompiled_parts(pipe.components, output)
-    _write_model_index(pipe, output, shapes, options, pipeline_class, [s.name for s in specs], chosen)
+                manifest["fp32_linear_choice"] = {**linear_choice.to_dict(), "used": spec_options.fp32_linear}
+            if choice is not None or linear_choice is not None:
+                write_manifest(folder / spec.name, spec.config, manifest)
+            # The shallow step-caching graph, compiled after the UNet, runs the same UNet weights: freed after it.
+            last_use = ("text_encoder", "unet_deep_cache" if deep_cache else "unet")
+            if release_weights and spec.role in last_use:
+                spec.module.to("meta")  # the VAE's encoder and decoder share one module: kept
+            hashed[spec.name] = manifest["files"]
+            size = sum(record["bytes"] for record in manifest["files"].values())
+            timings = manifest["timings"]
+            results.append(ComponentResult(spec.name, timings["trace_s"], timings["compile_s"], size, report))
+            log(
+                f"[{i}/{len(specs)}] {spec.name}: done in {timings['trace_s'] + timings['compile_s']:.1f}s, "
+                f"{size / 2**20:.1f} MiB"
+                + (f", max rel error {report.max_rel_error:.2e}" if report else ", not validated")
+            )
+        save_uncompiled_parts(pipe.components, folder)
+        _write_model_index(pipe, folder, shapes, options, pipeline_class, [s.name for s in specs], chosen)
+    remember_checksums(output, hashed)
     log(summary_table(results))
     return results
 
@@ -355,8 +363,17 @@ def _write_model_index(
         "device": options.device,
         "versions": artifact.environment_versions(),
         "exported_on": artifact.machine_id(),
+        "source": getattr(pipe, "name_or_path", None),
     }
     artifact.write_json(output / artifact.MODEL_INDEX_FILE, index)
+
+
+def remember_checksums(output: Path, hashed: dict[str, dict]) -> None:
+    """The files were hashed as they were written: their first load need not read them again (checksums.py)."""
+    files = {
+        output / name / file: record["sha256"] for name, records in hashed.items() for file, record in records.items()
+    }
+    checksums.remember({path: digest for path, digest in files.items() if path.is_file()})
 
 
 def peak_rss_bytes() -> int:

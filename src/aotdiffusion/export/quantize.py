@@ -21,7 +21,6 @@ from __future__ import annotations
 import inspect
 import re
 import warnings
-import zipfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -50,7 +49,7 @@ CALIBRATION_PROMPTS = (
 )
 CALIBRATION_STEPS = 3
 _VNNI_FLAGS = {"avx512_vnni", "avx_vnni", "amx_int8"}
-_INT8_KERNELS = re.compile(rb"aoti_torch_cpu__(qconv\w*|qlinear\w*)\(")
+_INT8_KERNELS = re.compile(r"aoti_torch_cpu__(qconv\w*|qlinear\w*)\(")
 
 
 class QuantizeError(RuntimeError):
@@ -190,13 +189,9 @@ def quiet_int8_lowering() -> Iterator[None]:
         yield
 
 
-def int8_kernels(package: Path) -> dict[str, int]:
-    """How many of each oneDNN int8 kernel the compiled code calls (read from its generated source)."""
+def int8_kernels(folder: Path) -> dict[str, int]:
+    """How many of each oneDNN int8 kernel a compiled component calls (read from its generated source)."""
     counts: dict[str, int] = {}
-    with zipfile.ZipFile(package) as archive:
-        for name in archive.namelist():
-            if name.endswith(".wrapper.cpp"):
-                for match in _INT8_KERNELS.finditer(archive.read(name)):
-                    kernel = match.group(1).decode()
-                    counts[kernel] = counts.get(kernel, 0) + 1
+    for match in _INT8_KERNELS.finditer(artifact.generated_code(folder)):
+        counts[match.group(1)] = counts.get(match.group(1), 0) + 1
     return counts

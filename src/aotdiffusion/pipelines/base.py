@@ -17,6 +17,7 @@ import torch
 from diffusers import DiffusionPipeline
 
 from .. import artifact
+from ..export import staging
 from ..export.compile import CompilerOptions
 from ..export.deep_cache import SHALLOW_COMPONENT
 from ..export.pipeline import COMPILED_ATTRIBUTES, default_shapes, export_pipeline, save_uncompiled_parts
@@ -102,12 +103,15 @@ class AOTPipelineMixin:
         num_images_per_prompt: int | None = None,
         classifier_free_guidance: bool | None = None,
         split_guidance_batch: bool = False,
+        overwrite: bool = False,
         **hub_kwargs: Any,
     ) -> list:
         """Compiles ``model`` (hub id or diffusers folder) into ``output_dir``, without loading the result.
 
-        Returns one :class:`~aotdiffusion.export.pipeline.ComponentResult` per compiled component.
+        ``output_dir`` must be new or empty unless ``overwrite``; it is replaced only once the new export
+        is complete. Returns one :class:`~aotdiffusion.export.pipeline.ComponentResult` per compiled component.
         """
+        staging.check_target(Path(output_dir), overwrite)  # before minutes of loading and compiling
         source = cls.load_source(model, unet_id=unet_id, **hub_kwargs)
         shapes = default_shapes(
             source,
@@ -135,6 +139,7 @@ class AOTPipelineMixin:
             vae_encoder=vae_encoder,
             deep_cache=deep_cache,
             release_weights=True,
+            overwrite=overwrite,
         )
 
     @classmethod

@@ -1,6 +1,8 @@
 """Loads one compiled component and runs it, checking every input against its static shape.
 
-Nothing here compiles: a ``.pt2`` package holds the generated shared library, which is loaded as is.
+Nothing here compiles: the component's unpacked AOTInductor package holds the generated shared
+library, which is loaded as is, and its weights blob, which AOTInductor maps from where it lies
+(nothing is extracted or copied to a temporary folder).
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ class CompiledComponent:
         if self.device.type == "cpu":
             keep_freed_memory()
         device_index = self.device.index if self.device.index is not None else -1
-        self._runner = torch._inductor.aoti_load_package(str(self.folder / graph["file"]), device_index=device_index)
+        self._runner = _load_unpacked(self.folder / graph["file"], device_index)
 
     @property
     def static(self) -> dict[str, Any]:
@@ -79,3 +81,12 @@ class CompiledComponent:
     def output_class(self) -> type | None:
         qualified = self.manifest.get("output_class")
         return trusted.output_class(qualified, str(self.folder / artifact.CONFIG_FILE)) if qualified else None
+
+
+def _load_unpacked(package: Path, device_index: int) -> Any:
+    """Opens an unpacked package in place. ``aoti_load_package`` only takes a ``.pt2`` zip (which it extracts
+    to a fresh temporary folder on every load); its C++ loader also takes the unpacked folder."""
+    from torch._inductor.package.package import AOTICompiledModel
+
+    loader = torch._C._aoti.AOTIModelPackageLoader(str(package), "model", False, 1, device_index)
+    return AOTICompiledModel(loader)
