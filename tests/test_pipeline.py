@@ -208,3 +208,34 @@ def test_threads_calling_one_pipeline_get_their_own_images(sd_fp32, load):
         together = dict(zip(seeds, pool.map(lambda s: run_pipe(pipe, seed=s, num_inference_steps=3 + s), seeds)))
     for seed in seeds:
         assert np.array_equal(together[seed], solo[seed]), seed
+
+
+def test_a_data_parallel_replica_killed_mid_call_fails_the_call_naming_it_and_is_replaced(sd_fp32, load):
+    """data_parallel_mode="all": SIGKILL one replica process while it runs; the call raises within seconds
+    naming the replica, nothing hangs, and the next call runs on a new replica with the right images."""
+    import os
+    import signal
+    import threading
+    import time
+
+    from aotdiffusion import AOTStableDiffusionPipeline
+    from aotdiffusion.runtime.parallel import ReplicaError
+
+    prompts = ["a red fox", "a lighthouse"]
+    solo = load(sd_fp32)
+    expected = np.concatenate([run_pipe(solo, seed=s, prompt=p) for p, s in zip(prompts, (1, 2))])
+    pipe = AOTStableDiffusionPipeline.from_pretrained(sd_fp32, data_parallel_mode="all")
+    try:
+        pool = pipe._replicas
+        victim = pool.pids[0]
+        threading.Timer(3.0, os.kill, (victim, signal.SIGKILL)).start()  # the call below runs for longer
+        start = time.perf_counter()
+        with pytest.raises(ReplicaError, match=r"The replica on \[0\] died \(killed by signal 9\)"):
+            pipe(prompts, num_inference_steps=900, generator=torch.Generator().manual_seed(0), output_type="np")
+        assert time.perf_counter() - start < 60
+        generators = [torch.Generator().manual_seed(s) for s in (1, 2)]
+        images = pipe(prompts, num_inference_steps=4, generator=generators, output_type="np").images
+        assert pool.restarts == 1 and pool.pids[0] != victim and all(pool.alive(i) for i in range(len(pool)))
+    finally:
+        pipe.enable_data_parallel("none")
+    np.testing.assert_allclose(images, expected, atol=1e-5)

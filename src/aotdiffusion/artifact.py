@@ -164,8 +164,16 @@ def generated_code(folder: Path) -> str:
 
 
 def read_json(path: Path) -> dict[str, Any]:
-    with open(path) as handle:
-        return json.load(handle)
+    if not path.is_file():
+        raise ArtifactError(f"Missing {path}: the folder is incomplete; export (or download) it again.")
+    try:
+        with open(path) as handle:
+            data = json.load(handle)
+    except (ValueError, UnicodeDecodeError) as error:
+        raise ArtifactError(f"{path} is not valid JSON ({error}): the export is damaged; export it again.") from None
+    if not isinstance(data, dict):
+        raise ArtifactError(f"{path} holds a JSON {type(data).__name__}, not an object: the export is damaged.")
+    return data
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
@@ -199,8 +207,6 @@ def read_component(folder: Path, *, verify_checksums: bool = False) -> tuple[dic
     its first load and remembered (see ``checksums``); ``verify_checksums=True`` reads every byte again.
     """
     config_path = folder / CONFIG_FILE
-    if not config_path.is_file():
-        raise ArtifactError(f"Missing {config_path}: the exported folder is incomplete; export it again.")
     config = read_json(config_path)
     manifest = config.pop(MANIFEST_KEY, None)
     if manifest is None:

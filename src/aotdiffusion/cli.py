@@ -223,6 +223,13 @@ def _parser() -> argparse.ArgumentParser:
         "counts, e.g. 1,2 (one export, full size)",
     )
     _flag(load, "output", type=Path, default=Path("bench-serve-results"))
+
+    loading = commands.add_parser(
+        "bench-load", help="time loading an export in a new process, page cache warm and cold, against format 1"
+    )
+    loading.add_argument("export", type=Path, help="an export folder")
+    _flag(loading, "runs", type=int, default=3, help="timed loads per format and page-cache state (default 3)")
+    _flag(loading, "output", type=Path, default=Path("bench-load-results"))
     return parser
 
 
@@ -273,10 +280,10 @@ def _export(args: argparse.Namespace) -> None:
 def _generate(args: argparse.Namespace) -> None:
     import diffusers
     import torch
-    from PIL import Image
 
     from .pipelines.auto import FAMILIES, family_of, pipeline_class_for
     from .pipelines.base import _local_or_download
+    from .pipelines.images import decode_image
 
     if args.prompts is not None:
         return _generate_prompts(args)
@@ -311,9 +318,9 @@ def _generate(args: argparse.Namespace) -> None:
     elif not shapes.classifier_free_guidance and pipe.unet.config.time_cond_proj_dim is None:
         call["guidance_scale"] = 0.0  # compiled without the guidance batch (e.g. Turbo)
     if args.image is not None:
-        call["image"] = Image.open(args.image)
+        call["image"] = decode_image(args.image.read_bytes(), "--image")
     if args.mask_image is not None:
-        call["mask_image"] = Image.open(args.mask_image)
+        call["mask_image"] = decode_image(args.mask_image.read_bytes(), "--mask-image")
     if args.strength is not None:
         call["strength"] = args.strength
     prompts = [args.prompt] * shapes.batch_size
@@ -454,6 +461,14 @@ def _bench(args: argparse.Namespace) -> None:
     run(dataclasses.replace(config, **quick))
 
 
+def _bench_load(args: argparse.Namespace) -> None:
+    from .bench.load import run
+
+    if args.runs < 1:
+        raise ValueError(f"--runs must be at least 1, got {args.runs}.")
+    run(args.export, runs=args.runs, output_dir=args.output)
+
+
 def _bench_serve(args: argparse.Namespace) -> None:
     from .bench.serving import LoadConfig, run
 
@@ -489,6 +504,7 @@ def main(argv: list[str] | None = None) -> int:
             "tiny": _tiny,
             "bench": _bench,
             "bench-serve": _bench_serve,
+            "bench-load": _bench_load,
         }[args.command](args)
     except (ValueError, FileExistsError, FileNotFoundError, DiskFullError) as error:
         print(f"error: {error}", file=sys.stderr)

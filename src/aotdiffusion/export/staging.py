@@ -18,11 +18,17 @@ from contextlib import contextmanager
 from pathlib import Path
 
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
-_DISK_FULL_TEXT = ("No space left on device", "Disk quota exceeded", "File too large")
+_DISK_FULL_TEXT = ("No space left on device", "Disk quota exceeded", "File too large", "File size limit exceeded")
 
 
 class DiskFullError(OSError):
     """The disk filled up during an export; nothing was written to the target."""
+
+    def __init__(self, message: str):
+        super().__init__(errno.ENOSPC, message)
+
+    def __str__(self) -> str:
+        return self.strerror
 
 
 def check_target(output: Path, overwrite: bool) -> None:
@@ -89,11 +95,11 @@ def staged(output: Path, *, overwrite: bool = False) -> Iterator[Path]:
         yield staging
     except BaseException as error:
         shutil.rmtree(staging, ignore_errors=True)
-        if _disk_full(error):
+        cause = _disk_full(error)
+        if cause is not None:
             free = shutil.disk_usage(output.parent).free / 2**30
             raise DiskFullError(
-                errno.ENOSPC,
-                f"The disk filled up while writing the export ({error}); {free:.2f} GiB free now. Nothing was "
+                f"The disk filled up while writing the export ({cause}); {free:.2f} GiB free now. Nothing was "
                 f"written to {output}: free some space (a full-size SD 1.5 export takes about 4 GiB in fp32) or "
                 "export to another disk.",
             ) from error
@@ -113,14 +119,16 @@ def _move_into_place(staging: Path, output: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _disk_full(error: BaseException | None) -> bool:
-    """Whether an error (or one it was raised from: inductor and the C++ compiler wrap them) is a full disk."""
+def _disk_full(error: BaseException | None) -> str | None:
+    """What says the disk is full in an error or one it was raised from (inductor and the C++ compiler wrap
+    them), as one short line; None when nothing does."""
     seen = set()
     while error is not None and id(error) not in seen:
         seen.add(id(error))
         if isinstance(error, OSError) and error.errno in _DISK_FULL:
-            return True
-        if any(text in str(error) for text in _DISK_FULL_TEXT):
-            return True
+            return os.strerror(error.errno)
+        line = next((line for line in str(error).splitlines() if any(t in line for t in _DISK_FULL_TEXT)), None)
+        if line is not None:
+            return line.strip()[:200]
         error = error.__cause__ or error.__context__
-    return False
+    return None

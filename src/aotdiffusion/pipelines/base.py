@@ -6,7 +6,10 @@ runs the denoising loop, and this mixin only checks the call against the compile
 
 from __future__ import annotations
 
+import copy
 import inspect
+import math
+import numbers
 import shutil
 import tempfile
 import threading
@@ -374,12 +377,40 @@ class AOTPipelineMixin:
             with self.unet.step_cache(cache_interval):
                 return super().__call__(**call, **extra)
 
+    def _check_steps(self, call: dict[str, Any]) -> None:
+        """A step count the scheduler cannot run is a ValueError before anything runs.
+
+        Some schedulers would first allocate an array of that many steps (10**9: 8 GB); some (PNDM with
+        ``steps_offset``) index past their last trained timestep at 1000 steps. A copy of the scheduler
+        is set to the count first, and its timesteps checked.
+        """
+        steps, limit = call.get("num_inference_steps"), getattr(self.scheduler.config, "num_train_timesteps", None)
+        if steps is None or not limit or call.get("timesteps") is not None or call.get("sigmas") is not None:
+            return
+        name = type(self.scheduler).__name__
+        if steps > limit:
+            raise ValueError(
+                f"num_inference_steps={steps} is more than the {limit} timesteps {name} was trained with; use at most "
+                f"{limit} (20-50 is usual)."
+            )
+        probe = copy.deepcopy(self.scheduler)
+        probe.set_timesteps(steps)
+        last = int(torch.as_tensor(probe.timesteps).max()) if len(probe.timesteps) else 0
+        if last >= limit:
+            raise ValueError(
+                f"num_inference_steps={steps} makes {name} (steps_offset={probe.config.get('steps_offset', 0)}) step "
+                f"from timestep {last}, past the last of its {limit} trained timesteps; use fewer steps, e.g. "
+                f"{limit // 2}."
+            )
+
     def check_call(self, call: dict[str, Any]) -> None:
         """Raises ``ValueError`` for any call the compiled shapes cannot serve; fills in height/width.
 
         Never resizes or overrides silently: the message names what was compiled, what was asked and
         the export flags that would allow the call.
         """
+        _check_arguments(call)
+        self._check_steps(call)
         shapes = self.static_shapes
         for name in ("height", "width"):
             if name in call and call[name] is None:
@@ -391,7 +422,8 @@ class AOTPipelineMixin:
                 f"called with height={asked[0]}, width={asked[1]}. Leave height and width out, or export "
                 f"again with --height {asked[0]} --width {asked[1]}."
             )
-        nipp = call.get("num_images_per_prompt") or 1
+        nipp = call.get("num_images_per_prompt")
+        nipp = 1 if nipp is None else nipp
         if nipp != shapes.num_images_per_prompt:
             raise ValueError(
                 f"This pipeline was compiled for num_images_per_prompt={shapes.num_images_per_prompt} but was called "
@@ -419,6 +451,30 @@ class AOTPipelineMixin:
                     f"guidance batch (batch {self.unet.batch_size}). Call with guidance_scale > 1, or export again "
                     "with --no-classifier-free-guidance."
                 )
+
+
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+
+
+def _check_arguments(call: dict[str, Any]) -> None:
+    """Step counts and scales diffusers would turn into a ZeroDivisionError, an empty loop or NaN images."""
+    steps = call.get("num_inference_steps")
+    if steps is not None and call.get("timesteps") is None and call.get("sigmas") is None:
+        if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 1:
+            raise ValueError(
+                f"`num_inference_steps` is how many denoising steps to run: an integer >= 1 (e.g. 20-50), got "
+                f"{steps!r}."
+            )
+    output_type = call.get("output_type")
+    if output_type is not None and output_type not in OUTPUT_TYPES:
+        # diffusers would warn and return numpy arrays instead: never silently something else than asked.
+        raise ValueError(f"`output_type` must be one of {OUTPUT_TYPES}, got {output_type!r}.")
+    for name in ("guidance_scale", "strength", "eta", "guidance_rescale"):
+        value = call.get(name)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+            raise ValueError(f"`{name}` must be a finite number, got {value!r}.")
 
 
 def _prompt_batch(call: dict[str, Any]) -> int | None:

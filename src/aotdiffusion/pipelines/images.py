@@ -2,11 +2,16 @@
 
 diffusers resizes an inpainting image to ``height``/``width`` silently and fails deep inside the
 UNet on an img2img image of another size; here both are a clear error unless the caller asks for
-a resize. Any PIL mode (RGBA, L, P, ...) is converted: images to RGB, masks to L.
+a resize. Any PIL mode (RGBA, L, P, CMYK, 16-bit, ...) is converted: images to RGB, masks to L.
+Files and uploaded bytes are decoded here too (``decode_image``), for the CLI and the server alike:
+an image that cannot be decoded safely is a ``ValueError`` that says why, never a crash.
 """
 
 from __future__ import annotations
 
+import io
+import struct
+import warnings
 from typing import Any
 
 import numpy as np
@@ -16,6 +21,67 @@ import torch
 from ..shapes import PipelineShapes
 
 _MODES = {"image": "RGB", "mask_image": "L"}
+# Decoding more pixels than this is refused before decoding (PIL's own bomb check is at 89M pixels).
+MAX_PIXELS = 4096 * 4096
+
+
+class ImageInputError(ValueError):
+    """An input image that cannot be used, with the reason; ``code`` names the kind for HTTP errors."""
+
+    def __init__(self, message: str, *, code: str | None = None):
+        super().__init__(message)
+        self.code = code
+
+
+def decode_image(data: bytes, param: str = "image") -> PIL.Image.Image:
+    """Decodes image file bytes, refusing empty, unreadable, animated, pixel-less and over-large images.
+
+    The pixel count is checked from the header, before anything is decoded (a decompression bomb).
+    """
+    if not data:
+        raise ImageInputError(f"`{param}` is an empty file; give a PNG, JPEG or WebP image.")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", PIL.Image.DecompressionBombWarning)
+            image = PIL.Image.open(io.BytesIO(data))
+            width, height = image.size
+            if width * height > MAX_PIXELS:
+                raise ImageInputError(
+                    f"`{param}` is {width}x{height} pixels, more than {MAX_PIXELS} (4096x4096) are decoded; give an "
+                    "image at the compiled size.",
+                    code="image_too_large",
+                )
+            check_still(image, param)
+            image.load()
+    except ImageInputError:
+        raise
+    except (PIL.Image.DecompressionBombError, PIL.Image.DecompressionBombWarning) as error:
+        raise ImageInputError(f"`{param}` is too large to decode safely: {error}", code="image_too_large") from None
+    except (PIL.UnidentifiedImageError, OSError, ValueError, SyntaxError, struct.error) as error:
+        raise ImageInputError(f"`{param}` is not a readable image ({error}); give a PNG, JPEG or WebP file.") from None
+    return image
+
+
+def check_still(image: PIL.Image.Image, param: str) -> None:
+    """A still image with pixels: an animation or an empty image is refused, never a silent first frame."""
+    frames = getattr(image, "n_frames", 1)
+    if frames > 1:
+        raise ImageInputError(
+            f"`{param}` is animated ({frames} frames); give a single still image (e.g. image.seek(0); image.copy())."
+        )
+    if image.width == 0 or image.height == 0:
+        raise ImageInputError(f"`{param}` has no pixels ({image.width}x{image.height}).")
+
+
+def eight_bit(image: PIL.Image.Image) -> PIL.Image.Image:
+    """16- and 32-bit single-channel images scaled to 8 bits (PIL's convert would clip them to white)."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        array = np.asarray(image, dtype=np.float64)
+        top = 65535.0 if image.mode.startswith("I;16") or array.max() > 255 else 255.0
+        return PIL.Image.fromarray(np.clip(array / top * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+    if image.mode == "F":
+        return PIL.Image.fromarray(np.clip(np.asarray(image) * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+    return image
 
 
 def conform_images(call: dict[str, Any], shapes: PipelineShapes, vae_scale_factor: int, *, resize: bool) -> None:
@@ -41,8 +107,16 @@ def _is_latent(item: Any) -> bool:
 def _conform_one(item: Any, key: str, mode: str, shapes: PipelineShapes, scale: int, resize: bool) -> Any:
     target = (shapes.width, shapes.height)
     if isinstance(item, PIL.Image.Image):
-        if item.mode != mode:
-            item = item.convert(mode)
+        try:  # a lazily opened file is decoded here: a broken one fails in PIL's reader
+            check_still(item, key)
+            item.load()
+            item = eight_bit(item)
+            if item.mode != mode:
+                item = item.convert(mode)
+        except ImageInputError:
+            raise
+        except (OSError, ValueError, SyntaxError, struct.error) as error:
+            raise ImageInputError(f"`{key}` is not a readable image ({error or type(error).__name__}).") from None
         if item.size != target:
             if not resize:
                 _size_error(key, item.size, shapes)

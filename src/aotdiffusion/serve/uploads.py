@@ -2,60 +2,18 @@
 
 from __future__ import annotations
 
-import io
-import warnings
-
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
+from ..pipelines.images import ImageInputError, decode_image, eight_bit
 from .errors import APIError
-
-# Decoding more pixels than this is refused before decoding (PIL's own bomb check is at 89M pixels).
-MAX_PIXELS = 4096 * 4096
 
 
 def _open(data: bytes, param: str) -> Image.Image:
-    if not data:
-        raise APIError(400, f"`{param}` is an empty file; send a PNG, JPEG or WebP image.", param=param)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
-            width, height = image.size
-            if width * height > MAX_PIXELS:
-                raise APIError(
-                    400, f"`{param}` is {width}x{height} pixels, more than this server decodes ({MAX_PIXELS}); "
-                    "send an image at the requested size.", param=param, code="image_too_large",
-                )  # fmt: skip
-            if getattr(image, "n_frames", 1) > 1:
-                raise APIError(
-                    400, f"`{param}` is animated ({image.n_frames} frames); send a single still image.", param=param
-                )
-            image.load()
-    except APIError:
-        raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
-        raise APIError(
-            400, f"`{param}` is too large to decode safely: {error}", param=param, code="image_too_large"
-        ) from None
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as error:
-        raise APIError(
-            400, f"`{param}` is not a readable image ({error}); send a PNG, JPEG or WebP file.", param=param
-        ) from None
-    if width == 0 or height == 0:
-        raise APIError(400, f"`{param}` has no pixels ({width}x{height}).", param=param)
-    return image
-
-
-def _eight_bit(image: Image.Image) -> Image.Image:
-    """16- and 32-bit single-channel images scaled to 8 bits (PIL's convert would clip them to white)."""
-    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-        array = np.asarray(image, dtype=np.float64)
-        top = 65535.0 if image.mode.startswith("I;16") or array.max() > 255 else 255.0
-        return Image.fromarray(np.clip(array / top * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
-    if image.mode == "F":
-        return Image.fromarray(np.clip(np.asarray(image) * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
-    return image
+        return eight_bit(decode_image(data, param))
+    except ImageInputError as error:
+        raise APIError(400, str(error), param=param, code=error.code) from None
 
 
 def _fit(image: Image.Image, param: str, size: tuple[int, int], resize: bool) -> Image.Image:
@@ -71,7 +29,7 @@ def _fit(image: Image.Image, param: str, size: tuple[int, int], resize: bool) ->
 
 def read_image(data: bytes, size: tuple[int, int], *, resize: bool = False) -> Image.Image:
     """The image to edit as RGB at ``size`` (width, height); an alpha channel is dropped."""
-    image = _eight_bit(_open(data, "image"))
+    image = _open(data, "image")
     return _fit(image.convert("RGB"), "image", size, resize)
 
 
@@ -81,7 +39,7 @@ def read_mask(data: bytes, image_size: tuple[int, int], size: tuple[int, int], *
     A mask with transparency follows OpenAI's rule (fully transparent = edit); one without follows
     diffusers' (white = repaint).
     """
-    mask = _eight_bit(_open(data, "mask"))
+    mask = _open(data, "mask")
     if mask.size != image_size:
         raise APIError(
             400, f"`mask` is {mask.size[0]}x{mask.size[1]} but `image` is {image_size[0]}x{image_size[1]}; "
