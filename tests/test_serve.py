@@ -389,3 +389,42 @@ def test_serve_command(sd_fp32):
     assert process.returncode == 0, err
     assert f"serving on http://127.0.0.1:{port}/" in out
     assert "Traceback" not in err
+
+
+def test_concurrent_clients_that_disconnect_mid_request_leave_no_5xx_and_no_held_slots(sd_batch4):
+    """Twelve clients at once, eight of them hanging up at staggered moments (queued, or while their batch
+    runs): every answer sent is a 200, none a 5xx, and afterwards the queue is empty, no replica is busy,
+    no slot is held and a new request is served."""
+    from aotdiffusion.serve import create_app
+
+    app = create_app([f"sd={sd_batch4}"], max_wait_ms=100)
+
+    async def client(url: str, i: int):
+        async with httpx.AsyncClient(base_url=url) as http:
+            body = {"prompt": f"client {i}", "n": 1 + i % 3, "num_inference_steps": 60, "seed": i}
+            request = http.post("/v1/images/generations", json=body, timeout=300)
+            if i % 3 == 0:  # stays to the end
+                return (await request).status_code
+            try:
+                return (await asyncio.wait_for(request, timeout=0.2 + 0.3 * i)).status_code
+            except TimeoutError:
+                return "hung up"
+
+    async def everyone(url: str):
+        return await asyncio.gather(*(client(url, i) for i in range(12)))
+
+    with LiveServer(app) as url, httpx.Client(base_url=url, timeout=120) as api:
+        outcomes = asyncio.run(everyone(url))
+        assert set(outcomes) <= {200, "hung up"} and outcomes.count("hung up") >= 4, outcomes
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            health = api.get("/health").json()
+            if health["queued_requests"] == 0 and health["busy_replicas"] == 0:
+                break
+            time.sleep(0.05)
+        assert health["queued_requests"] == 0 and health["busy_replicas"] == 0, health
+        assert generate(api, n=4, seed=9).status_code == 200  # all four slots free again
+        text = api.get("/metrics").text
+    server_errors = [line for line in text.splitlines() if line.startswith("aotdiffusion_responses_total") and
+                     'status="5' in line]  # fmt: skip
+    assert server_errors == [] and metric(text, "aotdiffusion_queue_depth", model="sd", size="64x64") == 0
