@@ -60,7 +60,9 @@ KILLER = textwrap.dedent(
             if ".old-" in str(destination):
                 die()
         staging.os.rename = rename
-    AOTStableDiffusionPipeline.export(model, target, height=64, width=64, auto_cast="none", overwrite=True)
+    AOTStableDiffusionPipeline.export(
+        model, target, height=64, width=64, auto_cast="none", overwrite=True, compile_cache=False
+    )
     """
 )
 

@@ -324,3 +324,34 @@ def test_cli_needs_trust_remote_code_for_a_foreign_export(copy_of, tmp_path):
     assert refused.returncode == 2 and "--trust-remote-code" in refused.stderr and not images.exists()
     cli("generate", str(copy_of), "a cat", "--steps", "2", "--output", str(images), "--trust-remote-code")
     assert (images / "seed0-0.png").is_file()
+
+
+def test_the_compile_cache_reuses_an_identical_compile_and_drops_an_altered_entry(eager_sd, tmp_path, monkeypatch):
+    from aotdiffusion.export import compile_cache
+    from aotdiffusion.export.pipeline import component_specs
+    from aotdiffusion.runtime.compiled import CompiledComponent
+
+    monkeypatch.setenv("AOTDIFFUSION_CACHE_DIR", str(tmp_path / "cache"))
+    specs = component_specs(eager_sd, default_shapes(eager_sd, height=64, width=64), Precision("none"))
+    spec = next(s for s in specs if s.role == "text_encoder")
+    options = CompilerOptions(Precision("none"), fp32_linear="onednn")
+    first = compile_component(spec, options, tmp_path / "first")
+    second = compile_component(spec, options, tmp_path / "second")
+    assert (first["compile_cache"], second["compile_cache"]) == ("miss", "hit")
+    assert second["files"] == first["files"]  # the same library and weights, byte for byte
+    assert second["timings"]["compile_s"] < first["timings"]["compile_s"] / 2
+    ids = spec.example_inputs()["input_ids"]
+    outputs = [CompiledComponent(tmp_path / name)(input_ids=ids) for name in ("first", "second")]
+    assert all(torch.equal(outputs[0][k], outputs[1][k]) for k in outputs[0])
+    assert compile_component(spec, options, tmp_path / "off", cache=False)["compile_cache"] == "off"
+    # Other options are another key; an entry altered on disk is dropped and compiled again.
+    assert compile_component(spec, CompilerOptions(Precision("none"), fp32_linear="mkl"), tmp_path / "mkl")[
+        "compile_cache"] == "miss"  # fmt: skip
+    ours = {record["sha256"] for record in first["files"].values()}
+    (entry,) = [
+        p for p in compile_cache.root().iterdir() if set(json.loads((p / "files.json").read_text()).values()) <= ours
+    ]
+    blob = next(entry.rglob("*_weights.blob"))
+    _flip_a_byte(blob)
+    assert compile_component(spec, options, tmp_path / "again")["compile_cache"] == "miss"
+    assert compile_component(spec, options, tmp_path / "third")["compile_cache"] == "hit"

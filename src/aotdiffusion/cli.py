@@ -49,6 +49,12 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="replace what OUTPUT holds; the old export stays until the new one is complete",
     )
+    _flag(
+        export,
+        "no-cache",
+        action="store_true",
+        help="compile every component, even one the compile cache holds from an identical export",
+    )
     _flag(export, "model", required=True, help="hub model id or local diffusers folder")
     _flag(
         export, "task", default="auto", choices=sorted(TASKS), help="pipeline family (default: from model_index.json)"
@@ -271,6 +277,7 @@ def _export(args: argparse.Namespace) -> None:
         classifier_free_guidance=args.classifier_free_guidance,
         split_guidance_batch=args.split_guidance_batch,
         overwrite=args.overwrite,
+        compile_cache=not args.no_cache,
         **hub,
     )
     print(f"Exported to {args.output} in {time.perf_counter() - start:.0f}s. Generate with:")

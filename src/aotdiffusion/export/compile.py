@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import save_file
 
 from .. import artifact, checksums
+from . import compile_cache
 from .choose_precision import FP32_LINEAR_KERNELS
 from .components import ComponentSpec
 from .precision import Precision, PrecisionWrapper, full_precision_matmuls, low_precision_weights
@@ -98,8 +99,14 @@ def trace(spec: ComponentSpec, options: CompilerOptions) -> torch.export.Exporte
     return program
 
 
-def compile_component(spec: ComponentSpec, options: CompilerOptions, folder: Path) -> dict[str, Any]:
-    """Compiles ``spec`` into ``folder`` and writes ``config.json``; returns the manifest block."""
+def compile_component(
+    spec: ComponentSpec, options: CompilerOptions, folder: Path, *, cache: bool = True
+) -> dict[str, Any]:
+    """Compiles ``spec`` into ``folder`` and writes ``config.json``; returns the manifest block.
+
+    With ``cache``, a package compiled before from the same graph, weights and options is copied from the
+    compile cache instead (export/compile_cache.py).
+    """
     folder.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     package = folder / f"{artifact.PACKAGE_DIR}.pt2"
@@ -118,21 +125,18 @@ def compile_component(spec: ComponentSpec, options: CompilerOptions, folder: Pat
                 "validated_on": "one recorded call held out of calibration",
             }
         traced = time.perf_counter()
-        # Inductor only freezes (folds constants, prepacks conv/linear weights for oneDNN) when
-        # grad mode is off; with grad on it silently skips all of it.
-        try:
-            with torch.no_grad(), quiet_int8_lowering(), _fp32_linears_unpacked(options.fp32_linear == "mkl"):
-                torch._inductor.aoti_compile_and_package(
-                    program,
-                    package_path=str(package),
-                    inductor_configs={**options.inductor_configs(), **options.package_configs()},
-                )
-        except Exception as error:
-            raise ExportError(f"AOTInductor failed to compile {spec.name}: {error}") from error
+        settings = {"compiler": options.to_dict(), "package": options.package_configs()}
+        cache_key = compile_cache.key(program, spec.example_inputs(), settings) if cache else None
+        reused = cache_key is not None and compile_cache.fetch(cache_key, folder / artifact.PACKAGE_DIR)
+        if not reused:
+            _compile(spec, options, program, package)
         del program
-    # Stored unpacked: a load then opens the library and maps the weights where they lie.
-    artifact.unpack_package(package, folder / artifact.PACKAGE_DIR)
-    package.unlink()
+    if not reused:
+        # Stored unpacked: a load then opens the library and maps the weights where they lie.
+        artifact.unpack_package(package, folder / artifact.PACKAGE_DIR)
+        package.unlink()
+        if cache_key is not None:
+            compile_cache.store(cache_key, folder / artifact.PACKAGE_DIR)
     compiled = time.perf_counter()
     if quantization is not None:
         kernels = int8_kernels(folder)
@@ -184,10 +188,25 @@ def compile_component(spec: ComponentSpec, options: CompilerOptions, folder: Pat
         "extra_state": extra,
         "files": files,
         "timings": {"trace_s": round(traced - start, 2), "compile_s": round(compiled - traced, 2)},
+        "compile_cache": ("hit" if reused else "miss") if cache else "off",
         "validation": None,
     }
     write_manifest(folder, spec.config, manifest)
     return manifest
+
+
+def _compile(spec: ComponentSpec, options: CompilerOptions, program: torch.export.ExportedProgram, package: Path):
+    # Inductor only freezes (folds constants, prepacks conv/linear weights for oneDNN) when
+    # grad mode is off; with grad on it silently skips all of it.
+    try:
+        with torch.no_grad(), quiet_int8_lowering(), _fp32_linears_unpacked(options.fp32_linear == "mkl"):
+            torch._inductor.aoti_compile_and_package(
+                program,
+                package_path=str(package),
+                inductor_configs={**options.inductor_configs(), **options.package_configs()},
+            )
+    except Exception as error:
+        raise ExportError(f"AOTInductor failed to compile {spec.name}: {error}") from error
 
 
 @contextmanager

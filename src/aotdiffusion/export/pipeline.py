@@ -151,6 +151,7 @@ def export_pipeline(
     compile_fn: Callable[[ComponentSpec, CompilerOptions, Path], dict] = compile_component,
     release_weights: bool = False,
     overwrite: bool = False,
+    compile_cache: bool = True,
 ) -> list[ComponentResult]:
     """Writes an exported pipeline to ``output_dir``; returns one result per component.
 
@@ -158,6 +159,7 @@ def export_pipeline(
     a non-empty ``output_dir`` is an error unless ``overwrite``, and is replaced only by a complete export.
 
     ``compile_fn`` is the per-component compiler (a seam for tests that need a broken artifact).
+    ``compile_cache=False`` compiles every component even where the compile cache holds its package.
     ``release_weights`` frees each eager text encoder and UNet once compiled and validated, so that a
     full-size SDXL export holds one fp32 model at a time; it leaves ``pipe`` unusable (for callers
     that loaded it only to export it).
@@ -165,6 +167,8 @@ def export_pipeline(
     # Flushed: the progress of a many-minute export must show when stdout is a log file too.
     log = log or partial(print, flush=True)
     output = Path(output_dir)
+    if compile_fn is compile_component and not compile_cache:
+        compile_fn = partial(compile_component, cache=False)
     with staging.staged(output, overwrite=overwrite) as folder:
         pipe.set_progress_bar_config(disable=True)
         specs = component_specs(pipe, shapes, options.precision, vae_encoder=vae_encoder, deep_cache=deep_cache)
@@ -288,6 +292,8 @@ def _compile_and_validate(
     log(f"{step}: tracing{', calibrating' if int8 else ''} and compiling ({describe})")
     with _heartbeat(log, f"compiling {spec.name}"):
         manifest = compile_fn(spec, options, folder)
+    if manifest.get("compile_cache") == "hit":
+        log(f"{step}: the compile cache held this graph with these weights and options: package copied, not compiled")
     if not validate:
         return manifest, None
     log(f"{step}: validating against eager PyTorch")

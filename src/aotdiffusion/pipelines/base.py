@@ -107,12 +107,14 @@ class AOTPipelineMixin:
         classifier_free_guidance: bool | None = None,
         split_guidance_batch: bool = False,
         overwrite: bool = False,
+        compile_cache: bool = True,
         **hub_kwargs: Any,
     ) -> list:
         """Compiles ``model`` (hub id or diffusers folder) into ``output_dir``, without loading the result.
 
         ``output_dir`` must be new or empty unless ``overwrite``; it is replaced only once the new export
-        is complete. Returns one :class:`~aotdiffusion.export.pipeline.ComponentResult` per compiled component.
+        is complete. ``compile_cache=False`` compiles every component even if the compile cache holds it.
+        Returns one :class:`~aotdiffusion.export.pipeline.ComponentResult` per compiled component.
         """
         staging.check_target(Path(output_dir), overwrite)  # before minutes of loading and compiling
         source = cls.load_source(model, unet_id=unet_id, **hub_kwargs)
@@ -143,6 +145,7 @@ class AOTPipelineMixin:
             deep_cache=deep_cache,
             release_weights=True,
             overwrite=overwrite,
+            compile_cache=compile_cache,
         )
 
     @classmethod
