@@ -209,6 +209,24 @@ def test_choice_ranks_every_candidate_by_measured_time():
     assert choice.describe().endswith(f"-> {choice.ranked[0]}")
 
 
+def test_an_identical_export_reuses_the_measured_choice(tmp_path, monkeypatch):
+    """Timing noise must not flip the choice of a repeated export (that would compile other code and miss
+    the compile cache): the ranking measured for the same shapes on this machine is reused on request."""
+    from aotdiffusion.export import choose_precision, measurements
+
+    monkeypatch.setenv("AOTDIFFUSION_CACHE_DIR", str(tmp_path))
+    spec = _heavy_spec()
+    first = choose_precision.choose(spec, "cpu", reuse=True)
+    assert not first.remembered and (tmp_path / measurements.FILE).is_file()
+    timed = []
+    monkeypatch.setattr(choose_precision, "_seconds", lambda *a: timed.append(1) or 1.0)
+    again = choose_precision.choose(spec, "cpu", reuse=True)
+    assert again.remembered and timed == [] and (again.ranked, again.seconds) == (first.ranked, first.seconds)
+    assert again.describe().endswith("(measured by an earlier export on this machine; --no-cache measures again)")
+    fresh = choose_precision.choose(spec, "cpu")  # reuse off (--no-cache): measured again
+    assert not fresh.remembered and timed
+
+
 def test_auto_type_is_the_default_and_needs_resolving():
     assert Precision().auto_cast_type == "auto" and Precision().is_auto and not Precision("none").is_auto
     with pytest.raises(ValueError, match="has no type until the export has measured one"):

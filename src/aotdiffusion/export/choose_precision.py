@@ -16,13 +16,14 @@ import statistics
 import time
 from collections import defaultdict
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from . import measurements
 from .components import ComponentSpec
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -39,6 +40,9 @@ _FLOP_SHARE = 0.6
 _MAX_SHAPES = 8
 _DROP_RATIO = 3.0
 _aten = torch.ops.aten
+
+
+REMEMBERED = " (measured by an earlier export on this machine; --no-cache measures again)"
 
 
 @dataclass(frozen=True)
@@ -59,6 +63,7 @@ class Choice:
     skipped: dict[str, str] = field(default_factory=dict)  # candidate -> why it was not a candidate
     # candidate -> how much slower it was when it stopped being timed (its time extrapolated from its shapes)
     stopped_early: dict[str, str] = field(default_factory=dict)
+    remembered: bool = False  # measured by an earlier export on this machine (measurements.py)
 
     def describe(self) -> str:
         timings = ", ".join(
@@ -68,7 +73,7 @@ class Choice:
         skipped = "".join(f"; {c} not tried: {why}" for c, why in self.skipped.items())
         return (
             f"{timings} over its {self.ops_timed} largest operation shapes ({self.flop_share:.0%} of its FLOPs)"
-            f"{skipped} -> {self.ranked[0]}"
+            f"{skipped} -> {self.ranked[0]}" + (REMEMBERED if self.remembered else "")
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -90,10 +95,13 @@ class LinearChoice:
     kernel: str  # onednn | mkl
     seconds: dict[str, float]  # the timed linear shapes, count-weighted, per kernel
     shapes_timed: int
+    remembered: bool = False
 
     def describe(self) -> str:
         timings = ", ".join(f"{name} {self.seconds[name] * 1e3:.1f} ms" for name in FP32_LINEAR_KERNELS)
-        return f"fp32 linears: {timings} over its {self.shapes_timed} largest linear shapes -> {self.kernel}"
+        return f"fp32 linears: {timings} over its {self.shapes_timed} largest linear shapes -> {self.kernel}" + (
+            REMEMBERED if self.remembered else ""
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -275,10 +283,13 @@ def choose(
     int8: bool = False,
     only: str | None = None,
     ops: tuple[list[tuple[Op, int]], int] | None = None,
+    reuse: bool = False,
 ) -> Choice:
     """Ranks the candidate types of ``spec`` on this machine, fastest first (see :func:`candidates`).
 
-    ``ops``: :func:`dominant_ops` of ``spec`` when the caller already has them.
+    ``ops``: :func:`dominant_ops` of ``spec`` when the caller already has them. ``reuse``: take the ranking
+    an earlier export measured for the same shapes and candidates on this machine (measurements.py), so that
+    an identical export makes the same choice (and hits the compile cache) instead of one timing noise flips.
     """
     names, skipped = candidates(spec, int8=int8, only=only)
     ops, total = ops or dominant_ops(spec)
@@ -288,6 +299,9 @@ def choose(
             break
         selected.append((op, count))
         covered += op.flops * count
+    key = measurements.key("types", selected, names, skipped, device)
+    if reuse and (known := measurements.recall(key)) is not None:
+        return Choice(**{**known, "remembered": True})
     # Shape by shape, every candidate still in the race; one that is already _DROP_RATIO x slower than the
     # best after two shapes stops being timed (bf16 without bf16 instructions is 6-10x slower: timing all of
     # its shapes would add minutes to a full-size export) and its total is extrapolated by FLOPs.
@@ -305,16 +319,18 @@ def choose(
     seconds = {name: spent[name] * covered / flops_timed[name] for name in names}
     early = {name: f"{seconds[name] / min(seconds.values()):.1f}x slower" for name in names if name not in racing}
     ranked = sorted(names, key=seconds.__getitem__)
-    return Choice(ranked, seconds, len(selected), covered / total if total else 1.0, skipped, early)
+    choice = Choice(ranked, seconds, len(selected), covered / total if total else 1.0, skipped, early)
+    measurements.remember(key, asdict(choice))
+    return choice
 
 
 def choose_fp32_linear(
-    spec: ComponentSpec, device: str, *, ops: tuple[list[tuple[Op, int]], int] | None = None
+    spec: ComponentSpec, device: str, *, ops: tuple[list[tuple[Op, int]], int] | None = None, reuse: bool = False
 ) -> LinearChoice | None:
     """Times the component's largest fp32 linear shapes through oneDNN and through MKL.
 
     None where there is nothing to choose: not a CPU, a torch without MKL, or no linear at all. ``ops`` as
-    for :func:`choose`.
+    and ``reuse`` as for :func:`choose`.
     """
     if device != "cpu" or not torch._C.has_mkl or not torch.backends.mkldnn.is_available():
         return None
@@ -322,12 +338,17 @@ def choose_fp32_linear(
     linears = [(op, count) for op, count in ops if op.kind == "linear"][:_MAX_SHAPES]
     if not linears:
         return None
+    key = measurements.key("fp32 linear", linears, list(FP32_LINEAR_KERNELS), {}, device)
+    if reuse and (known := measurements.recall(key)) is not None:
+        return LinearChoice(**{**known, "remembered": True})
     spent = dict.fromkeys(FP32_LINEAR_KERNELS, 0.0)
     with torch.no_grad():
         for op, count in linears:
             spent["onednn"] += count * _seconds(_runner(op, torch.float32, device), device)
             spent["mkl"] += count * _seconds(_mkl_linear(op), device)
-    return LinearChoice(min(spent, key=spent.__getitem__), spent, len(linears))
+    choice = LinearChoice(min(spent, key=spent.__getitem__), spent, len(linears))
+    measurements.remember(key, asdict(choice))
+    return choice
 
 
 def _mkl_linear(op: Op) -> Callable[[], Any]:

@@ -206,14 +206,14 @@ def export_pipeline(
                     only = "fp32" if options.precision.auto_cast == "none" else options.precision.auto_cast_type
                 timed = " against int8" if quantizable else ""
                 log(f"{step}: timing {only or 'fp32/bf16/fp16'}{timed} on this {options.device} to choose its type")
-                choice = choose(spec, options.device, int8=quantizable, only=only, ops=ops)
+                choice = choose(spec, options.device, int8=quantizable, only=only, ops=ops, reuse=compile_cache)
                 log(f"{step}: {choice.describe()}")
                 if quantizable and choice.ranked[0] != INT8:
                     log(f"{step}: int8 is not faster than {choice.ranked[0]} on this {options.device}: not quantized")
                 tries = [_options_for(options, name) for name in choice.ranked]
             linear_choice = None
             if options.fp32_linear == "auto" and any(_runs_fp32_linears(t) for t in tries):
-                linear_choice = choose_fp32_linear(spec, options.device, ops=ops)
+                linear_choice = choose_fp32_linear(spec, options.device, ops=ops, reuse=compile_cache)
                 if linear_choice is not None:
                     log(f"{step}: {linear_choice.describe()}")
             tries = [_with_fp32_linear(t, linear_choice) for t in tries]
