@@ -468,6 +468,13 @@ def _check_arguments(call: dict[str, Any]) -> None:
                 f"`num_inference_steps` is how many denoising steps to run: an integer >= 1 (e.g. 20-50), got "
                 f"{steps!r}."
             )
+    generator = call.get("generator")
+    generators = generator if isinstance(generator, list) else [generator]
+    if generator is not None and not all(isinstance(g, torch.Generator) for g in generators):
+        raise TypeError(
+            f"`generator` must be a torch.Generator or a list of them (one per image), got {generator!r}; e.g. "
+            "generator=torch.Generator().manual_seed(0)."
+        )
     output_type = call.get("output_type")
     if output_type is not None and output_type not in OUTPUT_TYPES:
         # diffusers would warn and return numpy arrays instead: never silently something else than asked.
