@@ -267,3 +267,22 @@ def sd_bf16_wide(tiny_sd, tmp_path_factory) -> Path:
         tiny_sd, tmp_path_factory.mktemp("exports") / "sd-bf16-wide", width=96, batch_size=2, auto_cast="matmul",
         auto_cast_type="bf16", vae_encoder=False,
     )  # fmt: skip
+
+
+# The full suite's pytest process has died with SIGSEGV at interpreter exit, after every test passed and the
+# summary was printed (exit 139, no Python frame: native finalizers of loaded compiled libraries, Ray or
+# uvicorn threads). Not reproduced in any file alone; investigated in the open issue. The test process
+# leaves with its real exit status without running native finalizers; nothing a test checks runs then.
+_EXIT_STATUS: list[int] = []
+
+
+def pytest_sessionfinish(session, exitstatus):
+    _EXIT_STATUS.append(int(exitstatus))
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_unconfigure(config):
+    if _EXIT_STATUS and not os.environ.get("AOTDIFFUSION_TESTS_NORMAL_EXIT"):
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(_EXIT_STATUS[0])
