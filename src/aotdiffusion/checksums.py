@@ -46,28 +46,37 @@ def _key(path: Path) -> tuple[str, dict[str, int]]:
     return str(path.resolve()), {"bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns}
 
 
-def _read_records() -> dict[str, Any]:
+def read_cache_file(name: str) -> dict[str, Any]:
+    """A JSON object kept in the cache folder; empty when absent or unreadable (a cache is never required)."""
     try:
-        with open(cache_dir() / RECORD_FILE) as handle:
-            records = json.load(handle)
+        with open(cache_dir() / name) as handle:
+            data = json.load(handle)
     except (OSError, ValueError):
         return {}
-    return records if isinstance(records, dict) else {}
+    return data if isinstance(data, dict) else {}
+
+
+def write_cache_file(name: str, data: dict[str, Any]) -> None:
+    """Replaces a cache file atomically, or not at all where the cache cannot be written. Processes writing
+    at once may drop each other's entries, which costs a re-measurement, never a wrong answer."""
+    folder = cache_dir()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        handle, temporary = tempfile.mkstemp(dir=folder, prefix=f".{name}-")
+        with os.fdopen(handle, "w") as out:
+            json.dump(data, out)
+        os.replace(temporary, folder / name)
+    except OSError:
+        pass
+
+
+def _read_records() -> dict[str, Any]:
+    return read_cache_file(RECORD_FILE)
 
 
 def _write_records(records: dict[str, Any]) -> None:
-    """Replaces the record file atomically; replicas loading at once may drop each other's entries,
-    which costs a re-hash, never a wrong answer."""
-    folder = cache_dir()
-    records = {key: value for key, value in records.items() if os.path.exists(key)}  # forget deleted exports
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        handle, temporary = tempfile.mkstemp(dir=folder, prefix=".verified-")
-        with os.fdopen(handle, "w") as out:
-            json.dump(records, out)
-        os.replace(temporary, folder / RECORD_FILE)
-    except OSError:
-        pass
+    # forget the files of deleted exports
+    write_cache_file(RECORD_FILE, {key: value for key, value in records.items() if os.path.exists(key)})
 
 
 def unverified(files: dict[Path, str], *, always: bool = False) -> list[Path]:

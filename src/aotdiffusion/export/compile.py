@@ -110,6 +110,7 @@ def compile_component(
     folder.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     package = folder / f"{artifact.PACKAGE_DIR}.pt2"
+    package_dir = folder / artifact.PACKAGE_DIR
     quantization = None
     with low_precision_weights(spec.module, options.precision):
         program = trace(spec, options)
@@ -127,16 +128,22 @@ def compile_component(
         traced = time.perf_counter()
         settings = {"compiler": options.to_dict(), "package": options.package_configs()}
         cache_key = compile_cache.key(program, spec.example_inputs(), settings) if cache else None
-        reused = cache_key is not None and compile_cache.fetch(cache_key, folder / artifact.PACKAGE_DIR)
+        # The package's files and their sha256 (relative to the package), from the cache entry when it holds one.
+        digests = compile_cache.fetch(cache_key, package_dir) if cache_key is not None else None
+        reused = digests is not None
         if not reused:
             _compile(spec, options, program, package)
         del program
     if not reused:
         # Stored unpacked: a load then opens the library and maps the weights where they lie.
-        artifact.unpack_package(package, folder / artifact.PACKAGE_DIR)
+        artifact.unpack_package(package, package_dir)
         package.unlink()
+        digests = {
+            str(path.relative_to(artifact.PACKAGE_DIR)): checksums.sha256_file(folder / path)
+            for path in artifact.package_files(folder)
+        }
         if cache_key is not None:
-            compile_cache.store(cache_key, folder / artifact.PACKAGE_DIR)
+            compile_cache.store(cache_key, package_dir, digests)
     compiled = time.perf_counter()
     if quantization is not None:
         kernels = int8_kernels(folder)
@@ -147,7 +154,13 @@ def compile_component(
             )
         quantization["kernels"] = kernels
 
-    files = {str(path): checksums.file_record(folder / path) for path in artifact.package_files(folder)}
+    files = {
+        f"{artifact.PACKAGE_DIR}/{name}": {
+            "sha256": digest,
+            "bytes": (package_dir / name).stat().st_size,
+        }
+        for name, digest in sorted(digests.items())
+    }
     extra = {}
     for name, module in spec.extra_state.items():
         path = folder / f"{name}.safetensors"

@@ -50,38 +50,39 @@ def key(program: torch.export.ExportedProgram, inputs: dict[str, torch.Tensor], 
     return digest.hexdigest()[:32]
 
 
-def fetch(cache_key: str, target: Path) -> bool:
-    """Copies a cached package to ``target``; False when there is none (or it no longer matches its record)."""
+def fetch(cache_key: str, target: Path) -> dict[str, str] | None:
+    """Copies a cached package to ``target`` and returns its files' sha256 (by path relative to the package);
+    None when there is none (or it no longer matches its record)."""
     entry = root() / cache_key
     try:
         record = json.loads((entry / RECORD).read_text())
     except (OSError, ValueError):
-        return False
+        return None
     files = {entry / name: digest for name, digest in record.items()}
     if not all(path.is_file() for path in files) or checksums.unverified(files):
         shutil.rmtree(entry, ignore_errors=True)
-        return False
+        return None
     for path in files:
         destination = target / path.relative_to(entry)
         destination.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(path, destination)
     os.utime(entry)  # recently used: evicted last
-    return True
+    return record
 
 
-def store(cache_key: str, package: Path) -> None:
-    """Copies a freshly compiled package into the cache (best effort: a full or read-only cache is skipped)."""
+def store(cache_key: str, package: Path, digests: dict[str, str]) -> None:
+    """Copies a freshly compiled package, whose files have the sha256 ``digests``, into the cache (best effort:
+    a full or read-only cache is skipped)."""
     entry = root() / cache_key
     partial = root() / f".{cache_key}.partial-{os.getpid()}"
     try:
         shutil.rmtree(partial, ignore_errors=True)
         shutil.copytree(package, partial)
-        record = {str(p.relative_to(partial)): checksums.sha256_file(p) for p in partial.rglob("*") if p.is_file()}
-        (partial / RECORD).write_text(json.dumps(record))
+        (partial / RECORD).write_text(json.dumps(digests))
         if entry.exists():
             shutil.rmtree(entry)
         os.rename(partial, entry)
-        checksums.remember({entry / name: digest for name, digest in record.items()})
+        checksums.remember({entry / name: digest for name, digest in digests.items()})
     except OSError:
         shutil.rmtree(partial, ignore_errors=True)
         return

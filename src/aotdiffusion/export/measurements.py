@@ -13,7 +13,6 @@ import hashlib
 import json
 import os
 import platform
-import tempfile
 from typing import Any
 
 import torch
@@ -37,27 +36,11 @@ def key(kind: str, ops: list, candidates: list[str], skipped: dict[str, str], de
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
-def _read() -> dict[str, Any]:
-    try:
-        with open(checksums.cache_dir() / FILE) as handle:
-            data = json.load(handle)
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
 def recall(measurement_key: str) -> dict[str, Any] | None:
-    return _read().get(measurement_key)
+    return checksums.read_cache_file(FILE).get(measurement_key)
 
 
 def remember(measurement_key: str, value: dict[str, Any]) -> None:
-    folder = checksums.cache_dir()
-    data = {**_read(), measurement_key: {k: v for k, v in value.items() if k != "remembered"}}
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        handle, temporary = tempfile.mkstemp(dir=folder, prefix=".measurements-")
-        with os.fdopen(handle, "w") as out:
-            json.dump(data, out)
-        os.replace(temporary, folder / FILE)
-    except OSError:
-        pass
+    data = checksums.read_cache_file(FILE)
+    data[measurement_key] = {k: v for k, v in value.items() if k != "remembered"}
+    checksums.write_cache_file(FILE, data)
