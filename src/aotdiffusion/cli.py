@@ -117,6 +117,14 @@ def _parser() -> argparse.ArgumentParser:
         help="who runs fp32 linears: auto (default: time oneDNN's prepacked kernel and MKL's sgemm per component), "
         "onednn or mkl",
     )
+    _flag(
+        export,
+        "conv-algorithm",
+        default="auto",
+        choices=["auto", "direct", "winograd"],
+        help="3x3 convolutions: auto (default: time oneDNN's direct kernel and Winograd F(2x2,3x3)/F(4x4,3x3) per "
+        "fp32 shape, keep the faster), direct, or winograd (every timed shape)",
+    )
     _flag(export, "unet", help="hub id or folder of a UNet that replaces the model's before compiling")
     _flag(export, "revision", help="hub revision of --model")
 
@@ -269,6 +277,7 @@ def _export(args: argparse.Namespace) -> None:
         deep_cache=args.deep_cache,
         quantize=args.quantize,
         fp32_linear=args.fp32_linear,
+        conv_algorithm=args.conv_algorithm,
         unet_id=args.unet,
         batch_size=args.batch_size,
         height=args.height,

@@ -18,6 +18,7 @@ from .choose_precision import FP32_LINEAR_KERNELS
 from .components import ComponentSpec
 from .precision import Precision, PrecisionWrapper, full_precision_matmuls, low_precision_weights
 from .quantize import QUANTIZE_MODES, int8_kernels, quantize_program, quiet_int8_lowering, reduce_range
+from .winograd import CONV_ALGORITHMS, winograd_convs
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,10 @@ class CompilerOptions:
     # Who runs fp32 linears: "onednn" (prepacked at freezing) or "mkl" (left unpacked: aten mm/addmm, MKL's
     # sgemm); "auto" lets the export time both per component (export/choose_precision.py).
     fp32_linear: str = "onednn"
+    # 3x3 convolutions: "direct" (oneDNN), "winograd" (every timed shape as Winograd) or "auto" (the faster per
+    # shape, timed by the export: export/winograd.py). `winograd` holds the resolved (shape key, tile) pairs.
+    conv_algorithm: str = "direct"
+    winograd: tuple[tuple[str, int], ...] = ()
 
     def __post_init__(self) -> None:
         if self.quantize not in QUANTIZE_MODES:
@@ -48,6 +53,13 @@ class CompilerOptions:
         if self.fp32_linear not in ("auto", *FP32_LINEAR_KERNELS):
             raise ValueError(
                 f"`fp32_linear` must be one of {('auto', *FP32_LINEAR_KERNELS)}, got {self.fp32_linear!r}."
+            )
+        if self.conv_algorithm not in CONV_ALGORITHMS:
+            raise ValueError(f"`conv_algorithm` must be one of {CONV_ALGORITHMS}, got {self.conv_algorithm!r}.")
+        if self.conv_algorithm == "winograd" and self.device != "cpu":
+            raise ValueError(
+                f"--conv-algorithm winograd is timed and compiled for CPUs; it cannot compile for {self.device}. "
+                "Use --conv-algorithm direct (or auto, which keeps cuDNN's choice on GPUs)."
             )
         if self.quantize == "int8" and self.device != "cpu":
             raise ValueError(f"--quantize int8 runs oneDNN's int8 CPU kernels; it cannot compile for {self.device}.")
@@ -66,11 +78,13 @@ class CompilerOptions:
     def to_dict(self) -> dict[str, Any]:
         quantize = {"quantize": self.quantize} if self.quantize != "none" else {}
         linear = {"fp32_linear": self.fp32_linear} if self.fp32_linear != "onednn" else {}
+        winograd = {"winograd": {key: tile for key, tile in self.winograd}} if self.winograd else {}
         return {
             "device": self.device,
             **self.precision.to_dict(),
             **quantize,
             **linear,
+            **winograd,
             "inductor": self.inductor_configs(),
         }
 
@@ -85,7 +99,7 @@ def trace(spec: ComponentSpec, options: CompilerOptions) -> torch.export.Exporte
     wrapped = PrecisionWrapper(spec.module.to(options.device), precision).eval()
     inputs = tuple(t.to(options.device) for t in spec.example_inputs().values())
     try:
-        with torch.no_grad():
+        with torch.no_grad(), winograd_convs(spec.module, dict(options.winograd)):
             program = torch.export.export(wrapped, inputs, strict=False)
     except Exception as error:  # torch.export errors are long; say which component first
         raise ExportError(f"torch.export failed for {spec.name}: {error}") from error

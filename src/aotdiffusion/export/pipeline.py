@@ -19,7 +19,7 @@ from diffusers import DiffusionPipeline
 from .. import artifact, checksums
 from ..runtime.compiled import CompiledComponent
 from ..shapes import PipelineShapes
-from . import staging
+from . import staging, winograd
 from .choose_precision import INT8, LinearChoice, choose, choose_fp32_linear, dominant_ops
 from .compile import CompilerOptions, compile_component, write_manifest
 from .components import ComponentSpec, text_encoder_spec, unet_spec, vae_decoder_spec, vae_encoder_spec
@@ -217,6 +217,18 @@ def export_pipeline(
                 if linear_choice is not None:
                     log(f"{step}: {linear_choice.describe()}")
             tries = [_with_fp32_linear(t, linear_choice) for t in tries]
+            conv_choice = None
+            if options.conv_algorithm != "direct" and any(_runs_fp32_linears(t) for t in tries):
+                log(f"{step}: timing its 3x3 convolutions direct and as Winograd on this {options.device}")
+                conv_choice = winograd.choose(
+                    (ops or dominant_ops(spec))[0],
+                    options.device,
+                    force=options.conv_algorithm == "winograd",
+                    reuse=compile_cache,
+                )
+                if conv_choice is not None:
+                    log(f"{step}: {conv_choice.describe()}")
+            tries = [with_convs for t in tries for with_convs in _with_conv_choice(t, conv_choice)]
             for attempt, spec_options in enumerate(tries):
                 manifest, report = _compile_and_validate(spec, spec_options, folder / spec.name, step, validate, log,
                                                          compile_fn, last=attempt == len(tries) - 1)  # fmt: skip
@@ -227,7 +239,10 @@ def export_pipeline(
                 manifest["precision_choice"] = {**choice.to_dict(), "chosen": chosen[spec.name]}
             if linear_choice is not None:
                 manifest["fp32_linear_choice"] = {**linear_choice.to_dict(), "used": spec_options.fp32_linear}
-            if choice is not None or linear_choice is not None:
+            if conv_choice is not None:
+                used = "winograd" if spec_options.winograd else "direct"
+                manifest["conv_algorithm_choice"] = {**conv_choice.to_dict(), "used": used}
+            if choice is not None or linear_choice is not None or conv_choice is not None:
                 write_manifest(folder / spec.name, spec.config, manifest)
             # The shallow step-caching graph, compiled after the UNet, runs the same UNet weights: freed after it.
             last_use = ("text_encoder", "unet_deep_cache" if deep_cache else "unet")
@@ -266,6 +281,15 @@ def _with_fp32_linear(options: CompilerOptions, choice: LinearChoice | None) -> 
         return options
     kernel = choice.kernel if choice is not None and _runs_fp32_linears(options) else "onednn"
     return replace(options, fp32_linear=kernel)
+
+
+def _with_conv_choice(options: CompilerOptions, choice: winograd.ConvChoice | None) -> list[CompilerOptions]:
+    """Resolves ``conv_algorithm``: where fp32 convolutions run and Winograd was faster for some shapes, those
+    options first, then the same with every convolution direct (tried if Winograd fails validation)."""
+    direct = replace(options, conv_algorithm="direct", winograd=())
+    if choice is None or not choice.tiles() or not _runs_fp32_linears(options):
+        return [direct]
+    return [replace(options, winograd=tuple(sorted(choice.tiles().items()))), direct]
 
 
 def _shallow_calibration(full: ComponentSpec) -> list[dict[str, torch.Tensor]]:

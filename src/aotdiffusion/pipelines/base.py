@@ -98,6 +98,7 @@ class AOTPipelineMixin:
         deep_cache: bool = False,
         quantize: str = "none",
         fp32_linear: str = "auto",
+        conv_algorithm: str = "auto",
         unet_id: str | None = None,
         # input shapes
         batch_size: int | None = None,
@@ -133,6 +134,7 @@ class AOTPipelineMixin:
             freezing=freezing,
             quantize=quantize or "none",
             fp32_linear=fp32_linear,
+            conv_algorithm=conv_algorithm,
         )
         return export_pipeline(
             source,

@@ -1,0 +1,274 @@
+"""``--conv-algorithm``: 3x3 convolutions as Winograd's minimal filtering, chosen per shape by timing.
+
+At fp32 every peer runs the same oneDNN direct convolutions at this CPU's FMA peak (AMD Zen 3: 0.19 TFLOP/s
+for OpenVINO and for us), so a faster convolution needs fewer multiplications, not a faster kernel. Winograd's
+F(m x m, 3 x 3) (Lavin & Gray 2015) computes each m x m output tile from an (m+2) x (m+2) input tile with
+(m+2)^2 multiplications per channel pair instead of 9 m^2: 2.25x fewer for F(2x2, 3x3), 4x fewer for F(4x4, 3x3).
+Algebraically it is the same convolution; only the rounding differs (about 1e-5 of the output's range for
+F(4x4, 3x3) in fp32, against the export's fp32 validation tolerance of 1e-3).
+
+Written in plain tensor operations, so AOTInductor compiles it like the rest of the graph: the weight transform
+G g G^T depends on the weights only, so freezing folds it into a constant at compile time; the input and output
+transforms are sums of tile slices with small integer coefficients (unrolled, so inductor fuses them into
+vectorised loops over the channels), and the (m+2)^2 products per tile are one batched matrix multiplication.
+Whether that beats oneDNN's direct kernel depends on the shape (the transforms move memory; at 8x8 or at the
+VAE's 512x512 they cost more than they save), so the export times both per convolution shape and keeps the
+faster one.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from . import measurements
+from .choose_precision import Op, _runner, _seconds
+
+CONV_ALGORITHMS = ("auto", "direct", "winograd")
+# Output tile sizes m of F(m x m, 3 x 3) that are tried. Larger tiles save more multiplications but need
+# larger transform coefficients (F(6x6, 3x3) loses about 3 more decimal digits in fp32) and more memory.
+TILES = (2, 4)
+
+# B^T, G, A^T of F(2, 3) and F(4, 3) (Lavin & Gray 2015, interpolation points 0, +-1 / 0, +-1, +-2, inf).
+_MATRICES: dict[int, tuple[list[list[float]], list[list[float]], list[list[float]]]] = {
+    2: (
+        [[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]],
+        [[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]],
+        [[1, 1, 1, 0], [0, 1, -1, -1]],
+    ),
+    4: (
+        [
+            [4, 0, -5, 0, 1, 0],
+            [0, -4, -4, 1, 1, 0],
+            [0, 4, -4, -1, 1, 0],
+            [0, -2, -1, 2, 1, 0],
+            [0, 2, -1, -2, 1, 0],
+            [0, 4, 0, -5, 0, 1],
+        ],
+        [
+            [1 / 4, 0, 0],
+            [-1 / 6, -1 / 6, -1 / 6],
+            [-1 / 6, 1 / 6, -1 / 6],
+            [1 / 24, 1 / 12, 1 / 6],
+            [1 / 24, -1 / 12, 1 / 6],
+            [0, 0, 1],
+        ],
+        [[1, 1, 1, 1, 1, 0], [0, 1, -1, 2, -2, 0], [0, 1, 1, 4, 4, 0], [0, 1, -1, 8, -8, 1]],
+    ),
+}
+
+
+def eligible(weight_shape: tuple, stride: tuple, padding: tuple, dilation: tuple, groups: int) -> bool:
+    """A dense 3x3 convolution with stride 1 and "same" padding: what the Winograd path computes."""
+    return (
+        len(weight_shape) == 4
+        and tuple(weight_shape[2:]) == (3, 3)
+        and tuple(stride) == (1, 1)
+        and tuple(padding) == (1, 1)
+        and tuple(dilation) == (1, 1)
+        and groups == 1
+    )
+
+
+def _combine(terms: list[torch.Tensor], coefficients: list[float]) -> torch.Tensor:
+    """sum_j coefficients[j] * terms[j], skipping zeros: unrolled so inductor fuses it into one loop."""
+    out = None
+    for c, term in zip(coefficients, terms):
+        if c == 0:
+            continue
+        scaled = term if c == 1 else -term if c == -1 else term * c
+        out = scaled if out is None else out + scaled
+    assert out is not None
+    return out
+
+
+def transform_weight(weight: torch.Tensor, tile: int) -> torch.Tensor:
+    """G g G^T for every (output, input) channel pair, laid out [(m+2)^2, C_in, C_out] for the batched product.
+
+    Depends on the weights only: with freezing, AOTInductor computes it once at compile time.
+    """
+    _, g, _ = _MATRICES[tile]
+    g = torch.tensor(g, dtype=weight.dtype, device=weight.device)
+    alpha = tile + 2
+    u = torch.einsum("ai,kcij,bj->abck", g, weight, g)
+    return u.reshape(alpha * alpha, weight.shape[1], weight.shape[0])
+
+
+def conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, tile: int) -> torch.Tensor:
+    """``F.conv2d(x, weight, bias, padding=1)`` for a 3x3 ``weight``, by Winograd's F(tile x tile, 3 x 3)."""
+    return _transformed_conv3x3(x, transform_weight(weight, tile), bias, tile)
+
+
+def _transformed_conv3x3(x: torch.Tensor, u: torch.Tensor, bias: torch.Tensor | None, tile: int) -> torch.Tensor:
+    """:func:`conv3x3` on the transformed weight ``u`` (:func:`transform_weight`)."""
+    bt, _, at = _MATRICES[tile]
+    alpha = tile + 2
+    n, c, h, w = x.shape
+    k = u.shape[2]
+    th, tw = -(-h // tile), -(-w // tile)
+    # Pad to whole tiles (1 on the top/left, the rest on the bottom/right), then view the overlapping
+    # (m+2)-wide input tiles with the channels innermost: every transform below is vectorised over them.
+    padded = F.pad(x, (1, tw * tile + 1 - w, 1, th * tile + 1 - h))
+    d = padded.permute(0, 2, 3, 1).unfold(1, alpha, tile).unfold(2, alpha, tile)  # n th tw c a a
+    d = d.permute(0, 1, 2, 4, 5, 3)  # n th tw a a c
+    # Input transform B^T d B, one axis at a time (each stack is one realised buffer).
+    rows = torch.stack([_combine([d[:, :, :, i] for i in range(alpha)], bt[r]) for r in range(alpha)], 0)
+    v = torch.stack([_combine([rows[..., j, :] for j in range(alpha)], bt[s]) for s in range(alpha)], 1)
+    products = torch.bmm(v.reshape(alpha * alpha, n * th * tw, c), u)
+    products = products.view(alpha, alpha, n, th, tw, k)
+    # Output transform A^T M A, then the tiles back into an image (channels-last), cropped to h x w.
+    rows = torch.stack([_combine([products[i] for i in range(alpha)], at[r]) for r in range(tile)], 0)
+    y = torch.stack([_combine([rows[:, j] for j in range(alpha)], at[s]) for s in range(tile)], 1)
+    y = y.permute(2, 3, 0, 4, 1, 5).reshape(n, th * tile, tw * tile, k)[:, :h, :w].permute(0, 3, 1, 2)
+    return y if bias is None else y + bias[None, :, None, None]
+
+
+def shape_key(x_shape: tuple, weight_shape: tuple) -> str:
+    return f"{'x'.join(map(str, x_shape))}/{'x'.join(map(str, weight_shape))}"
+
+
+@contextmanager
+def winograd_convs(module: torch.nn.Module, tiles: dict[str, int]) -> Iterator[int]:
+    """While open, each eligible ``nn.Conv2d`` of ``module`` whose (input, weight) shape is in ``tiles`` runs
+    as Winograd with that tile (the module keeps its parameters, so its state dict is unchanged).
+
+    Yields the number of convolution modules patched (a module called at several shapes counts once).
+    """
+    patched = []
+    for conv in module.modules():
+        if not isinstance(conv, torch.nn.Conv2d) or conv.padding_mode != "zeros":
+            continue
+        if not eligible(tuple(conv.weight.shape), conv.stride, conv.padding, conv.dilation, conv.groups):
+            continue
+        if not any(key.endswith("/" + "x".join(map(str, conv.weight.shape))) for key in tiles):
+            continue
+        conv.forward = _winograd_forward(conv, tiles)
+        patched.append(conv)
+    try:
+        yield len(patched)
+    finally:
+        for conv in patched:
+            del conv.forward  # back to the class's forward
+
+
+def _winograd_forward(conv: torch.nn.Conv2d, tiles: dict[str, int]) -> Callable[[torch.Tensor], torch.Tensor]:
+    direct = type(conv).forward.__get__(conv)
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        tile = tiles.get(shape_key(tuple(x.shape), tuple(conv.weight.shape)))
+        if tile is None or x.dtype != torch.float32:
+            return direct(x)
+        return conv3x3(x, conv.weight, conv.bias, tile)
+
+    return forward
+
+
+@dataclass
+class ConvChoice:
+    """Per eligible 3x3 convolution shape: the measured milliseconds of each algorithm and the one kept."""
+
+    shapes: list[dict[str, Any]]  # {"key", "count", "ms": {"direct", "winograd2", "winograd4"}, "chosen"}
+    remembered: bool = False
+
+    def tiles(self) -> dict[str, int]:
+        return {s["key"]: int(s["chosen"].removeprefix("winograd")) for s in self.shapes if s["chosen"] != "direct"}
+
+    def seconds(self, which: str) -> float:
+        """Count-weighted time of the timed shapes: ``direct`` everywhere, or the ``chosen`` algorithms."""
+        return sum(s["count"] * s["ms"][s[which] if which == "chosen" else which] for s in self.shapes) / 1e3
+
+    def describe(self) -> str:
+        won = sum(s["count"] for s in self.shapes if s["chosen"] != "direct")
+        total = sum(s["count"] for s in self.shapes)
+        tail = " (measured by an earlier export on this machine; --no-cache measures again)" if self.remembered else ""
+        return (
+            f"3x3 convolutions: Winograd for {won} of {total} calls ({len(self.tiles())} of {len(self.shapes)} "
+            f"shapes): {self.seconds('direct') * 1e3:.0f} ms direct -> {self.seconds('chosen') * 1e3:.0f} ms{tail}"
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "method": "timed oneDNN's prepacked direct convolution against Winograd F(2x2,3x3) and F(4x4,3x3) "
+            "compiled by inductor, per fp32 3x3 convolution shape",
+            "shapes": self.shapes,
+            "seconds": {"direct": round(self.seconds("direct"), 6), "chosen": round(self.seconds("chosen"), 6)},
+        }
+
+
+# Timing a Winograd shape compiles it (4-10 s on 2 cores), so only the largest shapes are timed: those that
+# make up this share of the eligible convolutions' FLOPs, at most _MAX_SHAPES; the rest stay direct. Thin
+# convolutions (a UNet's conv_in/conv_out, 4 channels) have too few channel pairs to amortise the transforms.
+_FLOP_SHARE = 0.9
+_MAX_SHAPES = 12
+_MIN_CHANNELS = 32
+# A convolution this small (a tiny test model's) cannot repay seconds of compiling to time it.
+_MIN_FLOPS = 10**9
+
+
+def eligible_ops(ops: list[tuple[Op, int]]) -> list[tuple[Op, int]]:
+    """The eligible convolutions worth timing, largest first (``ops`` comes sorted from ``dominant_ops``)."""
+    convs = [
+        (op, count)
+        for op, count in ops
+        if op.kind == "conv"
+        and eligible(*op.shapes[1:])
+        and min(op.shapes[1][:2]) >= _MIN_CHANNELS
+        and op.flops >= _MIN_FLOPS
+    ]
+    total = sum(op.flops * count for op, count in convs)
+    selected, covered = [], 0
+    for op, count in convs:
+        if selected and (covered >= _FLOP_SHARE * total or len(selected) >= _MAX_SHAPES):
+            break
+        selected.append((op, count))
+        covered += op.flops * count
+    return selected
+
+
+def choose(ops: list[tuple[Op, int]], device: str, *, force: bool = False, reuse: bool = False) -> ConvChoice | None:
+    """Times each eligible fp32 3x3 convolution shape (from ``dominant_ops``) direct and as Winograd.
+
+    ``force`` (``--conv-algorithm winograd``): every timed shape runs as Winograd, with the faster tile.
+    ``reuse``: a shape this machine timed before (for another export, or the UNet's step-caching graph) is not
+    timed again (measurements.py). None where there is nothing to choose (not a CPU, no convolution worth it).
+    """
+    convs = eligible_ops(ops)
+    if device != "cpu" or not convs:
+        return None
+    shapes, remembered = [], True
+    with torch.no_grad():
+        for op, count in convs:
+            x_shape, w_shape = op.shapes[0], op.shapes[1]
+            key = measurements.key("conv algorithm", [op], ["direct", *(f"winograd{t}" for t in TILES)], {}, device)
+            ms = (measurements.recall(key) or {}).get("ms") if reuse else None
+            if ms is None:
+                remembered = False
+                ms = {"direct": _seconds(_runner(op, torch.float32, device), device) * 1e3}
+                for tile in TILES:
+                    ms[f"winograd{tile}"] = _seconds(_compiled_winograd(x_shape, w_shape, tile), device) * 1e3
+                measurements.remember(key, {"ms": ms})
+            names = [name for name in ms if not (force and name == "direct")]
+            chosen = min(names, key=ms.__getitem__)
+            shapes.append({"key": shape_key(x_shape, w_shape), "count": count, "ms": ms, "chosen": chosen})
+    return ConvChoice(shapes, remembered=remembered)
+
+
+def _compiled_winograd(x_shape: tuple, w_shape: tuple, tile: int) -> Callable[[], Any]:
+    """The Winograd convolution of these shapes as the export compiles it: the weight transform done once
+    (freezing folds it into a constant there), the rest compiled by inductor."""
+    gen = torch.Generator().manual_seed(0)
+    weight = torch.randn(w_shape, generator=gen) / math.sqrt(w_shape[1] * 9)
+    u, bias = transform_weight(weight, tile).contiguous(), torch.zeros(w_shape[0])
+    x = torch.randn(x_shape, generator=gen).to(memory_format=torch.channels_last)
+    # A fresh compile per shape: dynamo stops recompiling one function after a few shapes and runs it eagerly.
+    torch._dynamo.reset()
+    compiled = torch.compile(partial(_transformed_conv3x3, tile=tile))
+    compiled(x, u, bias)
+    return lambda: compiled(x, u, bias)

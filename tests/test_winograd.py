@@ -1,0 +1,136 @@
+"""--conv-algorithm: 3x3 convolutions as Winograd F(2x2,3x3) / F(4x4,3x3), timed against oneDNN per shape."""
+
+from __future__ import annotations
+
+import json
+from contextlib import contextmanager
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import _export, run_pipe
+
+from aotdiffusion import artifact
+from aotdiffusion.export import winograd
+
+# Largest error over the output's range, in fp32: F(2x2,3x3)'s transforms are exact in binary (0, +-1, 1/2), as
+# good as a direct convolution (about 2e-6 at 320 channels); F(4x4,3x3)'s coefficients (up to 8, down to 1/24)
+# cost about one decimal digit (measured 3e-6 to 1.2e-5 on SD's shapes). fp32 validation allows 1e-3.
+ROUNDING = {2: 2e-6, 4: 3e-5}
+
+
+@pytest.mark.parametrize("tile", winograd.TILES)
+@pytest.mark.parametrize(
+    ("n", "c", "k", "h", "w", "bias"),
+    [(2, 8, 5, 16, 16, True), (1, 3, 7, 7, 10, False), (1, 16, 16, 1, 1, True), (3, 4, 4, 9, 5, True)],
+)
+def test_conv3x3_is_the_convolution(tile, n, c, k, h, w, bias):
+    """Any size (not a multiple of the tile included), with and without bias, channels-last or not: the same
+    function as F.conv2d up to fp32 rounding."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(n, c, h, w, generator=gen)
+    weight = torch.randn(k, c, 3, 3, generator=gen)
+    b = torch.randn(k, generator=gen) if bias else None
+    reference = F.conv2d(x.double(), weight.double(), None if b is None else b.double(), padding=1)
+    for layout in (torch.contiguous_format, torch.channels_last):
+        y = winograd.conv3x3(x.contiguous(memory_format=layout), weight, b, tile)
+        assert y.shape == reference.shape and y.dtype == torch.float32
+        error = (y.double() - reference).abs().max() / reference.abs().max()
+        assert error < ROUNDING[tile], (tile, layout, float(error))
+
+
+def test_only_dense_same_padded_3x3_convolutions_are_eligible():
+    assert winograd.eligible((8, 4, 3, 3), (1, 1), (1, 1), (1, 1), 1)
+    assert not winograd.eligible((8, 4, 3, 3), (2, 2), (1, 1), (1, 1), 1)  # a downsampler
+    assert not winograd.eligible((8, 4, 1, 1), (1, 1), (0, 0), (1, 1), 1)  # 1x1 shortcut
+    assert not winograd.eligible((8, 4, 3, 3), (1, 1), (0, 0), (1, 1), 1)
+    assert not winograd.eligible((8, 4, 3, 3), (1, 1), (2, 2), (2, 2), 1)
+    assert not winograd.eligible((8, 2, 3, 3), (1, 1), (1, 1), (1, 1), 2)
+
+
+@contextmanager
+def every_conv_timed():
+    """The tiny model's convolutions are far below what is worth timing at full size: time them all here
+    (only while open: the session's other exports must not change)."""
+    saved = winograd._MIN_FLOPS, winograd._MIN_CHANNELS, winograd._MAX_SHAPES
+    # Each timed shape compiles two Winograd kernels (seconds each): the two largest shapes per component.
+    winograd._MIN_FLOPS, winograd._MIN_CHANNELS, winograd._MAX_SHAPES = 0, 1, 2
+    try:
+        yield
+    finally:
+        winograd._MIN_FLOPS, winograd._MIN_CHANNELS, winograd._MAX_SHAPES = saved
+
+
+@pytest.fixture(scope="module")
+def sd_winograd(tiny_sd, tmp_path_factory):
+    with every_conv_timed():
+        return _export(
+            tiny_sd, tmp_path_factory.mktemp("exports") / "sd-winograd", auto_cast="none", conv_algorithm="winograd",
+            vae_encoder=False,
+        )  # fmt: skip
+
+
+def _manifest(folder, component):
+    return json.loads((folder / component / artifact.CONFIG_FILE).read_text())[artifact.MANIFEST_KEY]
+
+
+def _generated_code(folder, component) -> str:
+    return "".join(p.read_text() for p in (folder / component / "compiled").rglob("*.cpp"))
+
+
+def test_winograd_export_runs_winograd_and_matches_eager(sd_winograd, sd_fp32, eager_sd, load):
+    unet = _manifest(sd_winograd, "unet")
+    choice = unet["conv_algorithm_choice"]
+    assert choice["used"] == "winograd"
+    timed = {s["key"]: s for s in choice["shapes"]}
+    assert timed and all(s["chosen"] in ("winograd2", "winograd4") for s in timed.values())
+    assert all(set(s["ms"]) == {"direct", "winograd2", "winograd4"} for s in timed.values())
+    # The forced choice is the faster tile of each shape, and what the compiler options record.
+    assert all(s["ms"][s["chosen"]] == min(s["ms"]["winograd2"], s["ms"]["winograd4"]) for s in timed.values())
+    assert unet["compiler"]["winograd"] == {k: int(s["chosen"][-1]) for k, s in timed.items()}
+    assert unet["validation"]["max_rel_error"] < 1e-3
+    # The products are batched matrix multiplications; fewer oneDNN convolutions are left than in the direct export.
+    code, direct_code = _generated_code(sd_winograd, "unet"), _generated_code(sd_fp32, "unet")
+    assert "bmm" in code and "bmm" not in direct_code
+    assert code.count("mkldnn__convolution_pointwise") < direct_code.count("mkldnn__convolution_pointwise")
+    # The pipeline's images: the same as eager fp32 up to Winograd's rounding.
+    images, reference = run_pipe(load(sd_winograd)), run_pipe(eager_sd)
+    assert abs(images - reference).max() < 1e-3
+
+
+def test_auto_keeps_the_faster_algorithm_per_shape(tiny_sd, sd_winograd):
+    """auto compiles, per shape, what this machine timed fastest (the timings sd_winograd measured are reused:
+    the same shapes on the same machine), and direct records no choice at all."""
+    from diffusers import StableDiffusionPipeline
+
+    from aotdiffusion.export.choose_precision import dominant_ops
+    from aotdiffusion.export.pipeline import component_specs, default_shapes
+    from aotdiffusion.export.precision import Precision
+
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd)
+    specs = component_specs(pipe, default_shapes(pipe, height=64, width=64), Precision("none"), vae_encoder=False)
+    unet = next(s for s in specs if s.role == "unet")
+    with every_conv_timed():
+        auto = winograd.choose(dominant_ops(unet)[0], "cpu", reuse=True)
+    assert auto.remembered
+    for shape in auto.shapes:
+        assert shape["chosen"] == min(shape["ms"], key=shape["ms"].get)
+    assert auto.tiles() == {s["key"]: int(s["chosen"][-1]) for s in auto.shapes if s["chosen"] != "direct"}
+    forced = _manifest(sd_winograd, "unet")["conv_algorithm_choice"]["shapes"]
+    assert [s["ms"] for s in auto.shapes] == [s["ms"] for s in forced]
+
+
+def test_direct_and_non_fp32_compile_no_winograd(sd_fp32, sd_bf16_cli):
+    for folder in (sd_fp32, sd_bf16_cli[0]):
+        manifest = _manifest(folder, "unet")
+        assert "conv_algorithm_choice" not in manifest  # the tiny convolutions are below what is worth timing
+        assert "winograd" not in manifest["compiler"]
+
+
+def test_bad_conv_algorithm_is_a_clear_error():
+    from aotdiffusion.export.compile import CompilerOptions
+
+    with pytest.raises(ValueError, match=r"`conv_algorithm` must be one of .*'winograd'.*got 'fft'"):
+        CompilerOptions(conv_algorithm="fft")
+    with pytest.raises(ValueError, match="cannot compile for cuda"):
+        CompilerOptions(conv_algorithm="winograd", device="cuda")
