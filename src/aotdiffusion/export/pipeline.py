@@ -219,14 +219,11 @@ def export_pipeline(
             tries = [_with_fp32_linear(t, linear_choice) for t in tries]
             conv_choice = None
             if options.conv_algorithm != "direct" and any(_runs_fp32_linears(t) for t in tries):
-                log(f"{step}: timing its 3x3 convolutions direct and as Winograd on this {options.device}")
-                conv_choice = winograd.choose(
-                    (ops or dominant_ops(spec))[0],
-                    options.device,
-                    force=options.conv_algorithm == "winograd",
-                    reuse=compile_cache,
-                )
-                if conv_choice is not None:
+                ops = ops or dominant_ops(spec)
+                if options.device == "cpu" and winograd.eligible_ops(ops[0]):
+                    log(f"{step}: timing its 3x3 convolutions direct and as Winograd on this {options.device}")
+                    force = options.conv_algorithm == "winograd"
+                    conv_choice = winograd.choose(ops[0], options.device, force=force, reuse=compile_cache)
                     log(f"{step}: {conv_choice.describe()}")
             tries = [with_convs for t in tries for with_convs in _with_conv_choice(t, conv_choice)]
             for attempt, spec_options in enumerate(tries):
