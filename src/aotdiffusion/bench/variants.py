@@ -126,5 +126,6 @@ def _aot_precision(pipe: Any) -> str:
         return f"int8 conv/linear ({quantization['activation_bits']}-bit activations), rest fp32"
     precision, measured = manifest["precision"], " (measured)" if "precision_choice" in manifest else ""
     if precision.get("auto_cast") in (None, "none") or precision["auto_cast_type"] == "fp32":
-        return "float32" + measured
+        winograd = manifest["compiler"].get("winograd")
+        return "float32" + measured + (f", Winograd for {len(winograd)} 3x3 conv shapes" if winograd else "")
     return f"{precision['auto_cast_type']} ({precision['auto_cast']}){measured}"

@@ -166,6 +166,18 @@ def dominant_ops(spec: ComponentSpec) -> tuple[list[tuple[Op, int]], int]:
     return ops, sum(op.flops * count for op, count in ops)
 
 
+def largest(ops: list[tuple[Op, int]], total: int, share: float, most: int) -> list[tuple[Op, int]]:
+    """The first of ``ops`` (sorted largest first) until they make up ``share`` of ``total`` FLOPs, at most
+    ``most`` of them (and at least one): the shapes worth timing."""
+    selected, covered = [], 0
+    for op, count in ops:
+        if selected and (covered >= share * total or len(selected) >= most):
+            break
+        selected.append((op, count))
+        covered += op.flops * count
+    return selected
+
+
 def _int8_runner(op: Op) -> Callable[[], Any] | None:
     """A call of ``op`` through the oneDNN int8 kernel the quantized graph calls (u8 activations, s8
     weights prepacked, fp32 out); None for operations that stay fp32 in an int8 graph."""
@@ -293,12 +305,8 @@ def choose(
     """
     names, skipped = candidates(spec, int8=int8, only=only)
     ops, total = ops or dominant_ops(spec)
-    selected, covered = [], 0
-    for op, count in ops:
-        if selected and (covered >= _FLOP_SHARE * total or len(selected) >= _MAX_SHAPES):
-            break
-        selected.append((op, count))
-        covered += op.flops * count
+    selected = largest(ops, total, _FLOP_SHARE, _MAX_SHAPES)
+    covered = sum(op.flops * count for op, count in selected)
     key = measurements.key("types", selected, names, skipped, device)
     if reuse and (known := measurements.recall(key)) is not None:
         return Choice(**{**known, "remembered": True})

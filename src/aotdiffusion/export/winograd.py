@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from . import measurements
-from .choose_precision import Op, _runner, _seconds
+from .choose_precision import Op, _runner, _seconds, largest
 
 CONV_ALGORITHMS = ("auto", "direct", "winograd")
 # Output tile sizes m of F(m x m, 3 x 3) that are tried. Larger tiles save more multiplications but need
@@ -222,14 +222,7 @@ def eligible_ops(ops: list[tuple[Op, int]]) -> list[tuple[Op, int]]:
         and min(op.shapes[1][:2]) >= _MIN_CHANNELS
         and op.flops >= _MIN_FLOPS
     ]
-    total = sum(op.flops * count for op, count in convs)
-    selected, covered = [], 0
-    for op, count in convs:
-        if selected and (covered >= _FLOP_SHARE * total or len(selected) >= _MAX_SHAPES):
-            break
-        selected.append((op, count))
-        covered += op.flops * count
-    return selected
+    return largest(convs, sum(op.flops * count for op, count in convs), _FLOP_SHARE, _MAX_SHAPES)
 
 
 def choose(ops: list[tuple[Op, int]], device: str, *, force: bool = False, reuse: bool = False) -> ConvChoice | None:
