@@ -212,13 +212,13 @@ def export_pipeline(
                     log(f"{step}: int8 is not faster than {choice.ranked[0]} on this {options.device}: not quantized")
                 tries = [_options_for(options, name) for name in choice.ranked]
             linear_choice = None
-            if options.fp32_linear == "auto" and any(_runs_fp32_linears(t) for t in tries):
+            if options.fp32_linear == "auto" and any(_computes_in_fp32(t) for t in tries):
                 linear_choice = choose_fp32_linear(spec, options.device, ops=ops, reuse=compile_cache)
                 if linear_choice is not None:
                     log(f"{step}: {linear_choice.describe()}")
             tries = [_with_fp32_linear(t, linear_choice) for t in tries]
             conv_choice = None
-            if options.conv_algorithm != "direct" and any(_runs_fp32_linears(t) for t in tries):
+            if options.conv_algorithm != "direct" and any(_computes_in_fp32(t) for t in tries):
                 ops = ops or dominant_ops(spec)
                 if options.device == "cpu" and winograd.eligible_ops(ops[0]):
                     log(f"{step}: timing its 3x3 convolutions direct and as Winograd on this {options.device}")
@@ -268,7 +268,7 @@ def _options_for(options: CompilerOptions, candidate: str) -> CompilerOptions:
     return replace(options, precision=options.precision.resolved(candidate), quantize="none")
 
 
-def _runs_fp32_linears(options: CompilerOptions) -> bool:
+def _computes_in_fp32(options: CompilerOptions) -> bool:
     return options.quantize == "none" and options.precision.low_dtype == torch.float32
 
 
@@ -276,7 +276,7 @@ def _with_fp32_linear(options: CompilerOptions, choice: LinearChoice | None) -> 
     """Resolves ``fp32_linear="auto"``: the measured kernel where fp32 linears run, oneDNN (moot) elsewhere."""
     if options.fp32_linear != "auto":
         return options
-    kernel = choice.kernel if choice is not None and _runs_fp32_linears(options) else "onednn"
+    kernel = choice.kernel if choice is not None and _computes_in_fp32(options) else "onednn"
     return replace(options, fp32_linear=kernel)
 
 
@@ -284,7 +284,7 @@ def _with_conv_choice(options: CompilerOptions, choice: winograd.ConvChoice | No
     """Resolves ``conv_algorithm``: where fp32 convolutions run and Winograd was faster for some shapes, those
     options first, then the same with every convolution direct (tried if Winograd fails validation)."""
     direct = replace(options, conv_algorithm="direct", winograd=())
-    if choice is None or not choice.tiles() or not _runs_fp32_linears(options):
+    if choice is None or not choice.tiles() or not _computes_in_fp32(options):
         return [direct]
     return [replace(options, winograd=tuple(sorted(choice.tiles().items()))), direct]
 
