@@ -127,6 +127,15 @@ def _parser() -> argparse.ArgumentParser:
     )
     _flag(export, "unet", help="hub id or folder of a UNet that replaces the model's before compiling")
     _flag(export, "revision", help="hub revision of --model")
+    _flag(
+        export,
+        "reuse-compiled",
+        type=Path,
+        metavar="EXPORT",
+        help="compile nothing: run the code of EXPORT (an export of a model of the same architecture, e.g. the "
+        "base of a fine-tune) with --model's weights, at EXPORT's shapes and compiler options",
+    )
+    export.set_defaults(compiled_defaults={dest: export.get_default(dest) for dest in _COMPILED_FLAGS})
 
     generate = commands.add_parser("generate", help="generate images with an exported pipeline")
     generate.add_argument("model", help="exported folder or hub repository")
@@ -262,10 +271,40 @@ def _pipeline_class(task: str, model: str, hub: dict):
     return FAMILIES[task][0]
 
 
+# export flags that decide what is compiled: with --reuse-compiled they come from the reused export.
+_COMPILED_FLAGS = (
+    "task", "batch_size", "height", "width", "num_images_per_prompt", "auto_cast", "auto_cast_type",
+    "classifier_free_guidance", "split_guidance_batch", "device", "no_vae_encoder", "deep_cache", "quantize",
+    "fp32_linear", "conv_algorithm", "unet", "no_cache",
+)  # fmt: skip
+
+
 def _export(args: argparse.Namespace) -> None:
     hub = {"revision": args.revision} if args.revision else {}
-    cls = _pipeline_class(args.task, args.model, hub)
     start = time.perf_counter()
+    if args.reuse_compiled is not None:
+        given = [dest for dest, default in args.compiled_defaults.items() if getattr(args, dest) != default]
+        if given:
+            flags = ", ".join("--" + dest.replace("_", "-") for dest in given)
+            raise ValueError(
+                f"--reuse-compiled runs the code compiled in {args.reuse_compiled} with its shapes and compiler "
+                f"options; {flags} cannot be set with it. Drop them, or export without --reuse-compiled."
+            )
+        from .pipelines.auto import pipeline_class_for
+
+        cls = pipeline_class_for(args.reuse_compiled, exported=True)
+        cls.export(
+            args.model,
+            args.output,
+            reuse_compiled=args.reuse_compiled,
+            validate=not args.disable_validation,
+            overwrite=args.overwrite,
+            **hub,
+        )
+        print(f"Exported to {args.output} in {time.perf_counter() - start:.0f}s, no compiling. Generate with:")
+        print(f'  aotdiffusion generate {args.output} "a photo of an astronaut riding a horse on mars"')
+        return
+    cls = _pipeline_class(args.task, args.model, hub)
     cls.export(
         args.model,
         args.output,

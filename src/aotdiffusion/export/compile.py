@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import save_file
 
 from .. import artifact, checksums
-from . import compile_cache
+from . import compile_cache, refit
 from .choose_precision import FP32_LINEAR_KERNELS
 from .components import ComponentSpec
 from .precision import Precision, PrecisionWrapper, full_precision_matmuls, low_precision_weights
@@ -65,7 +65,9 @@ class CompilerOptions:
             raise ValueError(f"--quantize int8 runs oneDNN's int8 CPU kernels; it cannot compile for {self.device}.")
 
     def inductor_configs(self) -> dict[str, Any]:
-        return {"freezing": self.freezing}
+        # Small weights (a 4-channel bias) are otherwise inlined into the generated code as literals, where new
+        # weights could not reach them without compiling (export/refit.py); read from the weights blob instead.
+        return {"freezing": self.freezing, "always_keep_tensor_constants": True}
 
     def package_configs(self) -> dict[str, Any]:
         """How the package stores weights: outside the shared library, as one blob file AOTInductor maps at
@@ -146,18 +148,26 @@ def compile_component(
         digests = compile_cache.fetch(cache_key, package_dir) if cache_key is not None else None
         reused = digests is not None
         if not reused:
-            _compile(spec, options, program, package)
-        del program
+            with refit.recording() as recorder:
+                _compile(spec, options, program, package)
     if not reused:
         # Stored unpacked: a load then opens the library and maps the weights where they lie.
         artifact.unpack_package(package, package_dir)
         package.unlink()
+        blob = artifact.weights_file(folder)
+        if quantization is not None:  # int8 repacks are registered by a pass whose constants are not recorded
+            refit.write_unavailable(package_dir, "its int8 weights and scales come from calibrating this model's "
+                                    "activations: export the new weights with --quantize int8")  # fmt: skip
+        else:
+            refit.write_program(recorder, program, package_dir, folder / blob if blob else None)
+        del recorder
         digests = {
             str(path.relative_to(artifact.PACKAGE_DIR)): checksums.sha256_file(folder / path)
             for path in artifact.package_files(folder)
         }
         if cache_key is not None:
             compile_cache.store(cache_key, package_dir, digests)
+    del program
     compiled = time.perf_counter()
     if quantization is not None:
         kernels = int8_kernels(folder)
@@ -175,16 +185,7 @@ def compile_component(
         }
         for name, digest in sorted(digests.items())
     }
-    extra = {}
-    for name, module in spec.extra_state.items():
-        path = folder / f"{name}.safetensors"
-        save_file({k: v.detach().float().cpu().contiguous() for k, v in module.state_dict().items()}, path)
-        files[path.name] = checksums.file_record(path)
-        extra[name] = {
-            "file": path.name,
-            "class": f"{type(module).__module__}.{type(module).__qualname__}",
-            "args": _module_args(module),
-        }
+    extra = save_extra_state(spec, folder, files)
 
     example = spec.example_inputs()
     isa = artifact.cpu_isa()
@@ -216,10 +217,27 @@ def compile_component(
         "files": files,
         "timings": {"trace_s": round(traced - start, 2), "compile_s": round(compiled - traced, 2)},
         "compile_cache": ("hit" if reused else "miss") if cache else "off",
+        "refit": refit.summary(package_dir),
         "validation": None,
     }
     write_manifest(folder, spec.config, manifest)
     return manifest
+
+
+def save_extra_state(spec: ComponentSpec, folder: Path, files: dict[str, Any]) -> dict[str, Any]:
+    """Saves the small eager modules kept beside the graph (recording each file in ``files``); returns the
+    manifest's ``extra_state`` block."""
+    extra = {}
+    for name, module in spec.extra_state.items():
+        path = folder / f"{name}.safetensors"
+        save_file({k: v.detach().float().cpu().contiguous() for k, v in module.state_dict().items()}, path)
+        files[path.name] = checksums.file_record(path)
+        extra[name] = {
+            "file": path.name,
+            "class": f"{type(module).__module__}.{type(module).__qualname__}",
+            "args": _module_args(module),
+        }
+    return extra
 
 
 def _compile(spec: ComponentSpec, options: CompilerOptions, program: torch.export.ExportedProgram, package: Path):

@@ -31,6 +31,13 @@ from ..runtime.components import AOTAutoencoderKL, AOTTextEncoder, AOTUNet
 from ..shapes import PipelineShapes
 from .images import conform_images
 
+# export() arguments that a reused export takes from the export whose code it reuses.
+REUSED_ARGUMENTS = (
+    "device", "auto_cast", "auto_cast_type", "freezing", "vae_encoder", "deep_cache", "quantize", "fp32_linear",
+    "conv_algorithm", "batch_size", "height", "width", "num_images_per_prompt", "classifier_free_guidance",
+    "split_guidance_batch",
+)  # fmt: skip
+
 
 class AOTPipelineMixin:
     """Mixed in before a diffusers pipeline class; ``diffusers_class`` names that parent."""
@@ -109,16 +116,36 @@ class AOTPipelineMixin:
         split_guidance_batch: bool = False,
         overwrite: bool = False,
         compile_cache: bool = True,
+        reuse_compiled: str | Path | None = None,
         **hub_kwargs: Any,
     ) -> list:
         """Compiles ``model`` (hub id or diffusers folder) into ``output_dir``, without loading the result.
 
         ``output_dir`` must be new or empty unless ``overwrite``; it is replaced only once the new export
         is complete. ``compile_cache=False`` compiles every component even if the compile cache holds it.
+        ``reuse_compiled`` (an export of a model of the same architecture) compiles nothing: its code runs the
+        new weights, with its shapes and compiler options (export/reuse.py).
         Returns one :class:`~aotdiffusion.export.pipeline.ComponentResult` per compiled component.
         """
+        if reuse_compiled is not None:
+            arguments = locals()
+            defaults = inspect.signature(cls.export).parameters
+            given = [
+                name
+                for name in REUSED_ARGUMENTS
+                if arguments[name] is not defaults[name].default and arguments[name] != defaults[name].default
+            ]
+            if given:
+                raise ValueError(
+                    f"reuse_compiled runs the code compiled in {reuse_compiled} with its shapes and compiler "
+                    f"options, so {given} cannot be set with it. Drop them, or export without reuse_compiled."
+                )
         staging.check_target(Path(output_dir), overwrite)  # before minutes of loading and compiling
         source = cls.load_source(model, unet_id=unet_id, **hub_kwargs)
+        if reuse_compiled is not None:
+            from ..export.reuse import reuse_compiled as reuse
+
+            return reuse(source, reuse_compiled, output_dir, validate=validate, overwrite=overwrite)
         shapes = default_shapes(
             source,
             batch_size=batch_size,

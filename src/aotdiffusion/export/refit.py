@@ -1,0 +1,431 @@
+"""New weights into a compiled package without compiling: the refit program.
+
+Freezing (which gives the oneDNN-prepacked convolutions and linears, and Winograd's transformed weights) folds
+the weights into constants under internal names while AOTInductor compiles; the package's weights blob holds
+those folded constants, not the model's state dict. To write the blob of another checkpoint of the same
+architecture, the export records *how* each folded constant was computed: while freezing runs, every
+constant-folded subgraph (reorders, permutes, casts, Winograd's G g G^T) is kept as a list of torch operator
+calls whose leaves are state-dict tensors by name, and the blob's layout (name, byte offset, size, strides) is
+taken from the constants AOTInductor serialises. Replaying that program on new weights gives the same kernels'
+constants byte for byte; the export checks exactly that on its own weights before the program is kept, so a
+package whose constants could not be reproduced has no program (and says why) instead of a wrong one.
+
+The program is data, not code: operators are looked up by name under torch.ops' ``aten``, ``prims`` and
+``mkldnn`` namespaces only, so reading it cannot run anything else.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import json
+import operator
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+PROGRAM_DIR = "refit"
+PROGRAM_FILE = "program.json"
+CONSTANTS_FILE = "constants.safetensors"
+VERSION = 1
+# AOTInductor pads each constant in a CPU weights blob to this many bytes (codecache.ALIGN_BYTES).
+_ALIGN = 64
+_NAMESPACES = ("aten", "prims", "mkldnn")
+
+
+class RefitError(ValueError):
+    """New weights that cannot go into a compiled package (another architecture, or no refit program)."""
+
+
+class _Unsupported(Exception):
+    pass
+
+
+class Recorder:
+    """What freezing folded, and the constants AOTInductor serialised, for one compile."""
+
+    def __init__(self) -> None:
+        self.folded: dict[str, dict[str, Any]] = {}  # constant name -> {"nodes": [...], "output": node name}
+        self.unsupported: str | None = None
+        self.final: list[tuple[str, torch.Tensor]] | None = None
+        self.all_cuda = False
+
+
+@contextmanager
+def recording() -> Iterator[Recorder]:
+    """Records the constant folding and serialised constants of the AOTInductor compiles run inside."""
+    import torch._inductor.constant_folding as constant_folding
+    import torch._inductor.freezing as freezing
+    from torch._inductor.codecache import AotCodeCompiler
+
+    recorder = Recorder()
+    replace = constant_folding.replace_node_with_constant
+    compile_ = AotCodeCompiler.compile
+
+    def recorded_replace(gm, node, constant=None, name=None):
+        graph = None
+        if constant is not None and node.op != "placeholder" and recorder.unsupported is None:
+            try:
+                graph = _subgraph(node)
+            except _Unsupported as error:
+                recorder.unsupported = str(error)
+        before = set(gm._buffers)
+        replace(gm, node, constant, name)
+        if graph is not None:
+            added = [key for key in gm._buffers if key not in before]
+            recorder.folded[added[0] if added else name] = graph
+
+    def recorded_compile(graph, *args, **kwargs):
+        names = [name for name in graph.constants if name not in graph.folded_constants]
+        recorder.final = [(name, graph.get_original_value_of_constant(name)) for name in names]
+        recorder.all_cuda = bool(names) and all(tensor.is_cuda for _, tensor in recorder.final)
+        return compile_(graph, *args, **kwargs)
+
+    constant_folding.replace_node_with_constant = recorded_replace
+    freezing.replace_node_with_constant = recorded_replace
+    AotCodeCompiler.compile = staticmethod(recorded_compile)
+    try:
+        yield recorder
+    finally:
+        constant_folding.replace_node_with_constant = replace
+        freezing.replace_node_with_constant = replace
+        AotCodeCompiler.compile = staticmethod(compile_)
+
+
+def write_program(recorder: Recorder, exported: torch.export.ExportedProgram, package_dir: Path,
+                  blob: Path | None) -> None:  # fmt: skip
+    """Writes the refit program of a compiled package into ``package_dir/refit`` once it reproduces the package's
+    constants from the traced program's weights (its parameters and buffers, by name) byte for byte; else a
+    record of why there is none."""
+    reason = recorder.unsupported
+    if reason is None and recorder.final is None:
+        reason = "the compile serialised no constants"
+    if reason is None and recorder.all_cuda:
+        reason = "refitting CUDA packages is not implemented"
+    tensors = {**exported.state_dict, **exported.constants}
+    signature = exported.graph_signature
+    weights = {*signature.parameters, *signature.buffers}
+    by_input = {**signature.inputs_to_parameters, **signature.inputs_to_buffers}
+    # The weights the graph reads (a VAE decoder's program also holds the encoder's, unused).
+    used = {by_input[node.name] for node in exported.graph.nodes if node.name in by_input and node.users}
+    if reason is None:
+        try:
+            program, fixed = _program(recorder, tensors, weights, used)
+            _verify(program, recorder, tensors, fixed, blob)
+        except _Unsupported as error:
+            reason = str(error)
+    if reason is not None:
+        write_unavailable(package_dir, reason)
+        return
+    folder = package_dir / PROGRAM_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({name: tensor.contiguous() for name, tensor in fixed.items()}, folder / CONSTANTS_FILE)
+    (folder / PROGRAM_FILE).write_text(json.dumps({"available": True, **program}))
+
+
+def write_unavailable(package_dir: Path, reason: str) -> None:
+    folder = package_dir / PROGRAM_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / PROGRAM_FILE).write_text(json.dumps({"version": VERSION, "available": False, "reason": reason}))
+
+
+def summary(package_dir: Path) -> dict[str, Any]:
+    """The manifest's record of a package's refit program: whether there is one (else why not), and its counts."""
+    try:
+        program = json.loads((package_dir / PROGRAM_DIR / PROGRAM_FILE).read_text())
+    except (OSError, ValueError):
+        return {"available": False, "reason": "exported before refit programs were recorded"}
+    if not program.get("available"):
+        return {"available": False, "reason": program.get("reason", "unknown")}
+    sources = Counter(entry["source"] for entry in program["constants"])
+    return {"available": True, "constants": len(program["constants"]), **{k: sources[k] for k in sorted(sources)}}
+
+
+def read_program(package_dir: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    folder = package_dir / PROGRAM_DIR
+    program = json.loads((folder / PROGRAM_FILE).read_text())
+    if not program.get("available"):
+        raise RefitError(f"{package_dir.parent.name} has no refit program: {program.get('reason')}.")
+    if program.get("version") != VERSION:
+        raise RefitError(f"{folder} holds refit program version {program.get('version')}; this build reads {VERSION}.")
+    return program, load_file(folder / CONSTANTS_FILE)
+
+
+def check_inputs(program: dict, tensors: dict[str, torch.Tensor], where: str) -> None:
+    """The new weights must be the compiled ones' architecture: same names, shapes and dtypes."""
+    for name, spec in program["inputs"].items():
+        tensor = tensors.get(name)
+        if tensor is None:
+            raise RefitError(f"{where}: the new weights have no tensor `{name}` (compiled with {_describe(spec)}).")
+        if _spec(tensor) != spec:
+            raise RefitError(
+                f"{where}: the new weights differ in architecture at `{name}`: {_describe(_spec(tensor))}, compiled "
+                f"with {_describe(spec)}. Another architecture needs its own export: aotdiffusion export --model NEW."
+            )
+
+
+def write_blob(program: dict, fixed: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor], old: Path,
+               new: Path) -> str:  # fmt: skip
+    """Writes the weights blob of ``tensors`` for the package whose blob is ``old`` (constants that come from
+    no weight, e.g. lifted tensor constants, are copied from it); returns the new blob's sha256."""
+    digest = hashlib.sha256()
+    written = 0
+    with open(old, "rb") as source, open(new, "wb") as out:
+
+        def emit(data: bytes) -> None:
+            nonlocal written
+            out.write(data)
+            digest.update(data)
+            written += len(data)
+
+        for entry, data in _constant_bytes(program, fixed, tensors):
+            if data is None:
+                source.seek(entry["offset"])
+                data = source.read(entry["nbytes"])
+            emit(bytes(entry["offset"] - written))  # AOTInductor's zero padding between constants
+            emit(data)
+        emit(bytes(program["blob_bytes"] - written))
+    return digest.hexdigest()
+
+
+def _program(
+    recorder: Recorder, tensors: dict[str, torch.Tensor], weights: set[str], used: set[str]
+) -> tuple[dict, dict]:
+    by_pointer = {tensors[name].data_ptr(): name for name in weights if _strided(tensors[name])}
+    made_by_code = {t.data_ptr() for n, t in tensors.items() if n not in weights and _strided(t)}
+    constants, offset = [], 0
+    inputs: dict[str, dict] = {}
+    fixed: dict[str, torch.Tensor] = {}
+    for name, tensor in recorder.final:
+        nbytes = _nbytes(tensor)
+        entry: dict[str, Any] = {"name": name, "offset": offset, "nbytes": nbytes, "mkldnn": tensor.is_mkldnn}
+        if not tensor.is_mkldnn:
+            entry.update(_spec(tensor), stride=list(tensor.stride()), storage_offset=tensor.storage_offset())
+        if name in recorder.folded:
+            entry["source"] = "computed"
+        elif not tensor.is_mkldnn and by_pointer.get(tensor.data_ptr()) is not None:
+            entry["source"], entry["input"] = "weight", by_pointer[tensor.data_ptr()]
+            inputs[entry["input"]] = _spec(tensors[entry["input"]])
+        elif not tensor.is_mkldnn and tensor.data_ptr() in made_by_code:
+            entry["source"] = "fixed"  # a tensor the traced code created itself: no weight behind it
+        else:  # e.g. a constant a compiler pass registered itself (int8 repacks): its origin is unknown
+            raise _Unsupported(f"the constant {name} comes from neither a weight nor a recorded folding")
+        constants.append(entry)
+        offset += (nbytes + _ALIGN - 1) // _ALIGN * _ALIGN
+    folded: dict[str, dict] = {}
+    pending = [entry["name"] for entry in constants if entry["source"] == "computed"]
+    while pending:  # the folded graphs these constants need, and their leaves
+        name = pending.pop()
+        if name in folded:
+            continue
+        folded[name] = recorder.folded[name]
+        for leaf in folded[name]["leaves"]:
+            if leaf in recorder.folded:
+                pending.append(leaf)
+            elif leaf in weights:
+                inputs[leaf] = _spec(tensors[leaf])
+            elif leaf in tensors:  # a tensor the traced code made itself (Winograd's G): kept with the program
+                fixed[leaf] = tensors[leaf]
+            else:
+                raise _Unsupported(f"a folded constant reads `{leaf}`, which is neither a weight nor folded")
+    missing = sorted(name for name in used if name not in inputs and _strided(tensors[name]))
+    if missing:  # e.g. inlined into the code as literals, where new values could not reach it
+        raise _Unsupported(f"the weight `{missing[0]}` is not among the package's constants")
+    program = {"version": VERSION, "constants": constants, "folded": folded, "inputs": inputs, "blob_bytes": offset}
+    return program, fixed
+
+
+def _verify(program: dict, recorder: Recorder, tensors: dict[str, torch.Tensor], fixed: dict, blob: Path | None):
+    if blob is not None and blob.stat().st_size != program["blob_bytes"]:
+        raise _Unsupported(f"the weights blob is {blob.stat().st_size} bytes, the layout read {program['blob_bytes']}")
+    compiled = dict(recorder.final)
+    for entry, data in _constant_bytes(program, fixed, tensors):
+        if data is not None and data != _tensor_bytes(compiled[entry["name"]]):
+            raise _Unsupported(f"replaying the folding did not reproduce the constant {entry['name']} byte for byte")
+
+
+def _constant_bytes(program: dict, fixed: dict, tensors: dict[str, torch.Tensor]) -> Iterator[tuple[dict, Any]]:
+    """Each constant of the blob with its bytes (None for a constant that comes from no weight), computed one at a
+    time: a folded intermediate is kept only until its last user has run."""
+    folded = program["folded"]
+    uses = Counter(leaf for name in folded for leaf in folded[name]["leaves"] if leaf in folded)
+    memo: dict[str, torch.Tensor] = {}
+
+    def value(name: str) -> torch.Tensor:
+        if name in memo:
+            tensor = memo[name]
+        elif name in folded:
+            tensor = _run(folded[name], value)
+        else:
+            return fixed[name] if name in fixed else tensors[name]
+        uses[name] -= 1
+        if uses[name] > 0:
+            memo[name] = tensor
+        else:
+            memo.pop(name, None)
+        return tensor
+
+    for entry in program["constants"]:
+        if entry["source"] == "fixed":
+            yield entry, None
+            continue
+        if entry["source"] == "computed":
+            uses[entry["name"]] += 1
+            tensor = value(entry["name"])
+        else:
+            tensor = tensors[entry["input"]]
+        yield entry, _tensor_bytes(_laid_out(tensor, entry))
+
+
+def _laid_out(tensor: torch.Tensor, entry: dict) -> torch.Tensor:
+    """``tensor`` in the storage layout the compiled code reads (size, strides, offset) when it is not already."""
+    if tensor.is_mkldnn:
+        if not entry["mkldnn"] or _nbytes(tensor) != entry["nbytes"]:
+            raise _Unsupported(f"the constant {entry['name']} changed its oneDNN layout")
+        return tensor
+    same = (
+        list(tensor.stride()) == entry["stride"]
+        and tensor.storage_offset() == entry["storage_offset"]
+        and tensor.untyped_storage().nbytes() == entry["nbytes"]
+    )
+    if same:
+        return tensor
+    dtype = getattr(torch, entry["dtype"])
+    storage = torch.zeros(entry["nbytes"], dtype=torch.uint8).view(dtype)
+    out = storage.as_strided(entry["shape"], entry["stride"], entry["storage_offset"])
+    out.copy_(tensor)
+    return out
+
+
+def _run(graph: dict, value) -> torch.Tensor:
+    env: dict[str, Any] = {}
+    for node in graph["nodes"]:
+        if node["op"] == "get_attr":
+            env[node["name"]] = value(node["target"])
+        else:
+            function = _operator(node["target"])
+            env[node["name"]] = function(*_decode(node["args"], env), **_decode(node["kwargs"], env))
+    return env[graph["output"]]
+
+
+def _operator(target: str):
+    if target == "getitem":
+        return operator.getitem
+    namespace, _, rest = target.partition(".")
+    if namespace not in _NAMESPACES:
+        raise RefitError(f"A refit program names the operator {target!r}, outside torch.ops.{'/'.join(_NAMESPACES)}.")
+    found: Any = getattr(torch.ops, namespace)
+    for part in rest.split("."):
+        found = getattr(found, part)
+    return found
+
+
+def _subgraph(node: torch.fx.Node) -> dict[str, Any]:
+    """The folded subgraph that computes ``node``, as data, with its get_attr leaves."""
+    nodes: list[torch.fx.Node] = []
+    seen: set[torch.fx.Node] = set()
+    stack = [(node, False)]
+    while stack:  # post-order without recursion: deep chains of views are common
+        current, done = stack.pop()
+        if done:
+            nodes.append(current)
+            continue
+        if current in seen:
+            continue
+        seen.add(current)
+        stack.append((current, True))
+        stack.extend((parent, False) for parent in reversed(current.all_input_nodes) if parent not in seen)
+    records, leaves = [], []
+    for current in nodes:
+        if current.op == "get_attr":
+            records.append({"op": "get_attr", "name": current.name, "target": current.target})
+            leaves.append(current.target)
+        elif current.op == "call_function":
+            records.append({"op": "call_function", "name": current.name, "target": _target_name(current.target),
+                            "args": _encode(current.args), "kwargs": _encode(current.kwargs)})  # fmt: skip
+        else:
+            raise _Unsupported(f"a folded constant depends on a {current.op} node ({current.name})")
+    return {"nodes": records, "output": node.name, "leaves": leaves}
+
+
+def _target_name(target: Any) -> str:
+    if target is operator.getitem:
+        return "getitem"
+    if isinstance(target, torch._ops.OpOverload) and target.namespace in _NAMESPACES:
+        return f"{target.namespace}.{target._opname}.{target._overloadname}"
+    if isinstance(target, torch._ops.OpOverloadPacket) and target._qualified_op_name.split("::")[0] in _NAMESPACES:
+        return target._qualified_op_name.replace("::", ".")  # the overload is picked by the arguments, as in the graph
+    raise _Unsupported(f"a folded constant is computed by {target}, which a refit program cannot name")
+
+
+def _encode(value: Any) -> Any:
+    if isinstance(value, torch.fx.Node):
+        return {"node": value.name}
+    if isinstance(value, (list, tuple)):
+        return [_encode(v) for v in value]
+    if isinstance(value, dict):
+        return {"dict": {k: _encode(v) for k, v in value.items()}}
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, torch.dtype):
+        return {"dtype": str(value).removeprefix("torch.")}
+    if isinstance(value, torch.memory_format):
+        return {"memory_format": str(value).removeprefix("torch.")}
+    if isinstance(value, torch.layout):
+        return {"layout": str(value).removeprefix("torch.")}
+    if isinstance(value, torch.device):
+        return {"device": str(value)}
+    raise _Unsupported(f"a folded constant's operator takes a {type(value).__name__}: a refit program cannot hold it")
+
+
+def _decode(value: Any, env: dict[str, Any]) -> Any:
+    if isinstance(value, list):
+        return [_decode(v, env) for v in value]
+    if isinstance(value, dict):
+        if "node" in value:
+            return env[value["node"]]
+        if "dict" in value:
+            return {k: _decode(v, env) for k, v in value["dict"].items()}
+        ((kind, name),) = value.items()
+        if kind == "device":
+            return torch.device(name)
+        found = getattr(torch, name, None)
+        if not isinstance(found, (torch.dtype, torch.memory_format, torch.layout)):
+            raise RefitError(f"A refit program names the {kind} {name!r}, which torch does not have.")
+        return found
+    return value
+
+
+def _strided(value: Any) -> bool:
+    return isinstance(value, torch.Tensor) and not value.is_mkldnn
+
+
+def _nbytes(tensor: torch.Tensor) -> int:
+    if tensor.numel() == 0:
+        return 0
+    if tensor.is_mkldnn:
+        return torch.ops.mkldnn._nbytes(tensor)
+    return tensor.untyped_storage().nbytes()
+
+
+def _tensor_bytes(tensor: torch.Tensor) -> bytes:
+    """The bytes AOTInductor serialises for a constant: a oneDNN tensor's buffer, else the whole storage."""
+    nbytes = _nbytes(tensor)
+    if nbytes == 0:
+        return b""
+    if tensor.is_mkldnn:
+        return ctypes.string_at(torch.ops.mkldnn.data_ptr(tensor), nbytes)
+    return ctypes.string_at(tensor.untyped_storage().data_ptr(), nbytes)
+
+
+def _spec(tensor: torch.Tensor) -> dict[str, Any]:
+    return {"shape": list(tensor.shape), "dtype": str(tensor.dtype).removeprefix("torch.")}
+
+
+def _describe(spec: dict[str, Any]) -> str:
+    return f"shape {tuple(spec['shape'])}, {spec['dtype']}"
