@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import json
-from contextlib import contextmanager
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import _export, run_pipe
+from conftest import every_conv_timed, run_pipe
 
 from aotdiffusion import artifact
 from aotdiffusion.export import winograd
@@ -46,28 +45,6 @@ def test_only_dense_same_padded_3x3_convolutions_are_eligible():
     assert not winograd.eligible((8, 4, 3, 3), (1, 1), (0, 0), (1, 1), 1)
     assert not winograd.eligible((8, 4, 3, 3), (1, 1), (2, 2), (2, 2), 1)
     assert not winograd.eligible((8, 2, 3, 3), (1, 1), (1, 1), (1, 1), 2)
-
-
-@contextmanager
-def every_conv_timed():
-    """The tiny model's convolutions are far below what is worth timing at full size: time them all here
-    (only while open: the session's other exports must not change)."""
-    saved = winograd._MIN_FLOPS, winograd._MIN_CHANNELS, winograd._MAX_SHAPES
-    # Each timed shape compiles two Winograd kernels (seconds each): the two largest shapes per component.
-    winograd._MIN_FLOPS, winograd._MIN_CHANNELS, winograd._MAX_SHAPES = 0, 1, 2
-    try:
-        yield
-    finally:
-        winograd._MIN_FLOPS, winograd._MIN_CHANNELS, winograd._MAX_SHAPES = saved
-
-
-@pytest.fixture(scope="module")
-def sd_winograd(tiny_sd, tmp_path_factory):
-    with every_conv_timed():
-        return _export(
-            tiny_sd, tmp_path_factory.mktemp("exports") / "sd-winograd", auto_cast="none", conv_algorithm="winograd",
-            vae_encoder=False,
-        )  # fmt: skip
 
 
 def _manifest(folder, component):

@@ -135,6 +135,15 @@ def _parser() -> argparse.ArgumentParser:
         help="compile nothing: run the code of EXPORT (an export of a model of the same architecture, e.g. the "
         "base of a fine-tune) with --model's weights, at EXPORT's shapes and compiler options",
     )
+    _flag(
+        export,
+        "lora",
+        action="append",
+        default=[],
+        metavar="PATH_OR_ID[:SCALE]",
+        help="fuse this LoRA into the weights before compiling (repeatable; SCALE default 1); with --reuse-compiled "
+        "nothing is compiled: the fused weights run the reused code",
+    )
     export.set_defaults(compiled_defaults={dest: export.get_default(dest) for dest in _COMPILED_FLAGS})
 
     generate = commands.add_parser("generate", help="generate images with an exported pipeline")
@@ -297,6 +306,7 @@ def _export(args: argparse.Namespace) -> None:
             args.model,
             args.output,
             reuse_compiled=args.reuse_compiled,
+            lora=args.lora,
             validate=not args.disable_validation,
             overwrite=args.overwrite,
             **hub,
@@ -326,6 +336,7 @@ def _export(args: argparse.Namespace) -> None:
         split_guidance_batch=args.split_guidance_batch,
         overwrite=args.overwrite,
         compile_cache=not args.no_cache,
+        lora=args.lora,
         **hub,
     )
     print(f"Exported to {args.output} in {time.perf_counter() - start:.0f}s. Generate with:")

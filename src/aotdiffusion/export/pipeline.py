@@ -24,6 +24,7 @@ from .choose_precision import INT8, LinearChoice, choose, choose_fp32_linear, do
 from .compile import CompilerOptions, compile_component, write_manifest
 from .components import ComponentSpec, text_encoder_spec, unet_spec, vae_decoder_spec, vae_encoder_spec
 from .deep_cache import FEATURE, deep_cache_specs
+from .lora import FUSED_ATTRIBUTE
 from .precision import Precision
 from .quantize import (
     CALIBRATION_PROMPTS,
@@ -391,6 +392,7 @@ def _write_model_index(
         "versions": artifact.environment_versions(),
         "exported_on": artifact.machine_id(),
         "source": getattr(pipe, "name_or_path", None),
+        "loras": getattr(pipe, FUSED_ATTRIBUTE, []),
     }
     artifact.write_json(output / artifact.MODEL_INDEX_FILE, index)
 

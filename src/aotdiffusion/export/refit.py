@@ -51,6 +51,7 @@ class Recorder:
 
     def __init__(self) -> None:
         self.folded: dict[str, dict[str, Any]] = {}  # constant name -> {"nodes": [...], "output": node name}
+        self.leaves: dict[str, torch.Tensor] = {}  # what each folded graph's get_attr read, by its name there
         self.unsupported: str | None = None
         self.final: list[tuple[str, torch.Tensor]] | None = None
         self.all_cuda = False
@@ -72,6 +73,8 @@ def recording() -> Iterator[Recorder]:
         if constant is not None and node.op != "placeholder" and recorder.unsupported is None:
             try:
                 graph = _subgraph(node)
+                for leaf in graph["leaves"]:
+                    recorder.leaves.setdefault(leaf, _attribute(gm, leaf))
             except _Unsupported as error:
                 recorder.unsupported = str(error)
         before = set(gm._buffers)
@@ -211,13 +214,14 @@ def _program(
         elif not tensor.is_mkldnn and by_pointer.get(tensor.data_ptr()) is not None:
             entry["source"], entry["input"] = "weight", by_pointer[tensor.data_ptr()]
             inputs[entry["input"]] = _spec(tensors[entry["input"]])
-        elif not tensor.is_mkldnn and tensor.data_ptr() in made_by_code:
+        elif not tensor.is_mkldnn and (tensor.data_ptr() in made_by_code or name.startswith("_tensor_constant")):
             entry["source"] = "fixed"  # a tensor the traced code created itself: no weight behind it
         else:  # e.g. a constant a compiler pass registered itself (int8 repacks): its origin is unknown
             raise _Unsupported(f"the constant {name} comes from neither a weight nor a recorded folding")
         constants.append(entry)
         offset += (nbytes + _ALIGN - 1) // _ALIGN * _ALIGN
     folded: dict[str, dict] = {}
+    aliases: dict[str, str] = {}
     pending = [entry["name"] for entry in constants if entry["source"] == "computed"]
     while pending:  # the folded graphs these constants need, and their leaves
         name = pending.pop()
@@ -229,14 +233,20 @@ def _program(
                 pending.append(leaf)
             elif leaf in weights:
                 inputs[leaf] = _spec(tensors[leaf])
-            elif leaf in tensors:  # a tensor the traced code made itself (Winograd's G): kept with the program
-                fixed[leaf] = tensors[leaf]
             else:
-                raise _Unsupported(f"a folded constant reads `{leaf}`, which is neither a weight nor folded")
+                value = recorder.leaves.get(leaf)
+                if not _strided(value):
+                    raise _Unsupported(f"a folded constant reads `{leaf}`, which is neither a weight nor folded")
+                if value.data_ptr() in by_pointer:  # a weight under the name the compiled graph gave it
+                    aliases[leaf] = by_pointer[value.data_ptr()]
+                    inputs[aliases[leaf]] = _spec(value)
+                else:  # a tensor the traced code made itself (Winograd's G): kept with the program
+                    fixed[leaf] = value
     missing = sorted(name for name in used if name not in inputs and _strided(tensors[name]))
     if missing:  # e.g. inlined into the code as literals, where new values could not reach it
         raise _Unsupported(f"the weight `{missing[0]}` is not among the package's constants")
-    program = {"version": VERSION, "constants": constants, "folded": folded, "inputs": inputs, "blob_bytes": offset}
+    program = {"version": VERSION, "constants": constants, "folded": folded, "aliases": aliases, "inputs": inputs,
+               "blob_bytes": offset}  # fmt: skip
     return program, fixed
 
 
@@ -252,7 +262,7 @@ def _verify(program: dict, recorder: Recorder, tensors: dict[str, torch.Tensor],
 def _constant_bytes(program: dict, fixed: dict, tensors: dict[str, torch.Tensor]) -> Iterator[tuple[dict, Any]]:
     """Each constant of the blob with its bytes (None for a constant that comes from no weight), computed one at a
     time: a folded intermediate is kept only until its last user has run."""
-    folded = program["folded"]
+    folded, aliases = program["folded"], program["aliases"]
     uses = Counter(leaf for name in folded for leaf in folded[name]["leaves"] if leaf in folded)
     memo: dict[str, torch.Tensor] = {}
 
@@ -262,7 +272,7 @@ def _constant_bytes(program: dict, fixed: dict, tensors: dict[str, torch.Tensor]
         elif name in folded:
             tensor = _run(folded[name], value)
         else:
-            return fixed[name] if name in fixed else tensors[name]
+            return fixed[name] if name in fixed else tensors[aliases.get(name, name)]
         uses[name] -= 1
         if uses[name] > 0:
             memo[name] = tensor
@@ -399,6 +409,12 @@ def _decode(value: Any, env: dict[str, Any]) -> Any:
             raise RefitError(f"A refit program names the {kind} {name!r}, which torch does not have.")
         return found
     return value
+
+
+def _attribute(module: torch.nn.Module, target: str) -> Any:
+    for part in target.split("."):
+        module = getattr(module, part)
+    return module
 
 
 def _strided(value: Any) -> bool:

@@ -23,6 +23,7 @@ from ..runtime.compiled import CompiledComponent
 from ..shapes import PipelineShapes
 from . import refit, staging
 from .compile import save_extra_state, write_manifest
+from .lora import FUSED_ATTRIBUTE
 from .pipeline import (
     COMPILED_ATTRIBUTES,
     ComponentResult,
@@ -108,6 +109,7 @@ def reuse_compiled(
         block = {
             **block,
             "source": getattr(pipe, "name_or_path", None),
+            "loras": getattr(pipe, FUSED_ATTRIBUTE, []),
             # The compiled code is the first export's: where it was compiled stays what the trust check reads.
             "code_from": {"export": str(compiled.resolve()), "source": block.get("source")},
         }

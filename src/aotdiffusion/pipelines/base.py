@@ -23,6 +23,7 @@ from .. import artifact
 from ..export import staging
 from ..export.compile import CompilerOptions
 from ..export.deep_cache import SHALLOW_COMPONENT
+from ..export.lora import fuse_loras
 from ..export.pipeline import COMPILED_ATTRIBUTES, default_shapes, export_pipeline, save_uncompiled_parts
 from ..export.precision import Precision
 from ..runtime import trusted
@@ -117,6 +118,7 @@ class AOTPipelineMixin:
         overwrite: bool = False,
         compile_cache: bool = True,
         reuse_compiled: str | Path | None = None,
+        lora: list | None = None,
         **hub_kwargs: Any,
     ) -> list:
         """Compiles ``model`` (hub id or diffusers folder) into ``output_dir``, without loading the result.
@@ -124,7 +126,8 @@ class AOTPipelineMixin:
         ``output_dir`` must be new or empty unless ``overwrite``; it is replaced only once the new export
         is complete. ``compile_cache=False`` compiles every component even if the compile cache holds it.
         ``reuse_compiled`` (an export of a model of the same architecture) compiles nothing: its code runs the
-        new weights, with its shapes and compiler options (export/reuse.py).
+        new weights, with its shapes and compiler options (export/reuse.py). ``lora``: adapters fused into the
+        weights first, each ``"PATH_OR_ID[:SCALE]"`` or ``(source, scale)`` (export/lora.py).
         Returns one :class:`~aotdiffusion.export.pipeline.ComponentResult` per compiled component.
         """
         if reuse_compiled is not None:
@@ -142,6 +145,7 @@ class AOTPipelineMixin:
                 )
         staging.check_target(Path(output_dir), overwrite)  # before minutes of loading and compiling
         source = cls.load_source(model, unet_id=unet_id, **hub_kwargs)
+        fuse_loras(source, lora or [])
         if reuse_compiled is not None:
             from ..export.reuse import reuse_compiled as reuse
 

@@ -1,0 +1,54 @@
+"""LoRA adapters fused into the weights before they are compiled (or refitted): diffusers' own loader and fuse.
+
+A compiled graph cannot take a LoRA at run time, so, as optimum-neuron does at compile time, each adapter is
+loaded with ``load_lora_weights``, weighted with ``set_adapters`` and merged with ``fuse_lora``; the adapter
+layers are then unloaded, leaving plain weights that export (or ``--reuse-compiled``) writes like any other.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from diffusers import DiffusionPipeline
+
+# Where the pipeline keeps what was fused, for model_index.json.
+FUSED_ATTRIBUTE = "_aotdiffusion_loras"
+
+
+def parse_lora(value: str | Path | tuple[str | Path, float]) -> tuple[str, float]:
+    """``PATH_OR_ID[:SCALE]`` (or a ``(source, scale)`` pair) -> (source, scale); the scale defaults to 1."""
+    if isinstance(value, tuple):
+        source, scale = value
+    else:
+        source, scale = str(value), 1.0
+        head, sep, tail = source.rpartition(":")
+        if sep and head:
+            try:
+                source, scale = head, float(tail)
+            except ValueError:
+                pass  # a colon that is part of the name
+    if not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise ValueError(f"A LoRA's scale must be a finite number, got {scale!r} for {source}: e.g. {source}:0.8.")
+    return str(source), float(scale)
+
+
+def fuse_loras(pipe: DiffusionPipeline, loras: list) -> None:
+    """Fuses every LoRA of ``loras`` (see :func:`parse_lora`) into ``pipe``'s weights, each at its scale."""
+    parsed = [parse_lora(lora) for lora in loras]
+    if not parsed:
+        return
+    if not hasattr(pipe, "load_lora_weights"):
+        raise ValueError(f"{type(pipe).__name__} takes no LoRA adapters (diffusers has no LoRA loader for it).")
+    names = []
+    for i, (source, _) in enumerate(parsed):
+        name = f"lora_{i}"
+        try:
+            pipe.load_lora_weights(source, adapter_name=name)
+        except (OSError, ValueError) as error:
+            raise ValueError(f"Could not load the LoRA {source}: {error}") from error
+        names.append(name)
+    pipe.set_adapters(names, adapter_weights=[scale for _, scale in parsed])
+    pipe.fuse_lora(adapter_names=names, lora_scale=1.0)
+    pipe.unload_lora_weights()
+    setattr(pipe, FUSED_ATTRIBUTE, [{"source": source, "scale": scale} for source, scale in parsed])
