@@ -22,10 +22,12 @@ import json
 import operator
 from collections import Counter
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -51,9 +53,13 @@ class Recorder:
 
     def __init__(self) -> None:
         self.folded: dict[str, dict[str, Any]] = {}  # constant name -> {"nodes": [...], "output": node name}
-        self.leaves: dict[str, torch.Tensor] = {}  # what each folded graph's get_attr read, by its name there
+        # What each folded graph's get_attr read that is not itself folded (a weight, or a constant the traced code
+        # made), by its name there. Folded intermediates are not kept: they can be gigabytes (Winograd's).
+        self.leaves: dict[str, torch.Tensor] = {}
         self.unsupported: str | None = None
-        self.final: list[tuple[str, torch.Tensor]] | None = None
+        # The serialised constants' layout, without the tensors: those are freed once compiled (the check reads the
+        # blob back from disk instead).
+        self.final: list[dict[str, Any]] | None = None
         self.all_cuda = False
 
 
@@ -74,7 +80,8 @@ def recording() -> Iterator[Recorder]:
             try:
                 graph = _subgraph(node)
                 for leaf in graph["leaves"]:
-                    recorder.leaves.setdefault(leaf, _attribute(gm, leaf))
+                    if leaf not in recorder.folded:
+                        recorder.leaves.setdefault(leaf, _attribute(gm, leaf))
             except _Unsupported as error:
                 recorder.unsupported = str(error)
         before = set(gm._buffers)
@@ -85,8 +92,10 @@ def recording() -> Iterator[Recorder]:
 
     def recorded_compile(graph, *args, **kwargs):
         names = [name for name in graph.constants if name not in graph.folded_constants]
-        recorder.final = [(name, graph.get_original_value_of_constant(name)) for name in names]
-        recorder.all_cuda = bool(names) and all(tensor.is_cuda for _, tensor in recorder.final)
+        tensors = [graph.get_original_value_of_constant(name) for name in names]
+        recorder.final = [_layout(name, tensor) for name, tensor in zip(names, tensors)]
+        recorder.all_cuda = bool(names) and all(tensor.is_cuda for tensor in tensors)
+        del tensors
         return compile_(graph, *args, **kwargs)
 
     constant_folding.replace_node_with_constant = recorded_replace
@@ -113,13 +122,10 @@ def write_program(recorder: Recorder, exported: torch.export.ExportedProgram, pa
     tensors = {**exported.state_dict, **exported.constants}
     signature = exported.graph_signature
     weights = {*signature.parameters, *signature.buffers}
-    by_input = {**signature.inputs_to_parameters, **signature.inputs_to_buffers}
-    # The weights the graph reads (a VAE decoder's program also holds the encoder's, unused).
-    used = {by_input[node.name] for node in exported.graph.nodes if node.name in by_input and node.users}
     if reason is None:
         try:
-            program, fixed = _program(recorder, tensors, weights, used)
-            _verify(program, recorder, tensors, fixed, blob)
+            program, fixed = _program(recorder, tensors, weights)
+            _verify(program, tensors, fixed, blob)
         except _Unsupported as error:
             reason = str(error)
     if reason is not None:
@@ -175,51 +181,58 @@ def check_inputs(program: dict, tensors: dict[str, torch.Tensor], where: str) ->
 def write_blob(program: dict, fixed: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor], old: Path,
                new: Path) -> str:  # fmt: skip
     """Writes the weights blob of ``tensors`` for the package whose blob is ``old`` (constants that come from
-    no weight, e.g. lifted tensor constants, are copied from it); returns the new blob's sha256."""
+    no weight, e.g. lifted tensor constants, are copied from it); returns the new blob's sha256.
+
+    One constant is written and hashed (both release the GIL) on a second thread while the next is computed.
+    """
     digest = hashlib.sha256()
     written = 0
-    with open(old, "rb") as source, open(new, "wb") as out:
+    with open(old, "rb") as source, open(new, "wb") as out, ThreadPoolExecutor(1) as writer:
+        pending = None
 
-        def emit(data: bytes) -> None:
-            nonlocal written
-            out.write(data)
-            digest.update(data)
-            written += len(data)
+        def emit(*chunks: Any) -> None:
+            for chunk in chunks:
+                out.write(chunk)
+                digest.update(chunk)
 
         for entry, data in _constant_bytes(program, fixed, tensors):
             if data is None:
                 source.seek(entry["offset"])
                 data = source.read(entry["nbytes"])
-            emit(bytes(entry["offset"] - written))  # AOTInductor's zero padding between constants
-            emit(data)
+            padding = bytes(entry["offset"] - written)  # AOTInductor's zero padding between constants
+            written = entry["offset"] + entry["nbytes"]
+            if pending is not None:
+                pending.result()
+            pending = writer.submit(emit, padding, data)  # holds `data` (and its tensor) until written
+        if pending is not None:
+            pending.result()
         emit(bytes(program["blob_bytes"] - written))
     return digest.hexdigest()
 
 
-def _program(
-    recorder: Recorder, tensors: dict[str, torch.Tensor], weights: set[str], used: set[str]
-) -> tuple[dict, dict]:
+def _program(recorder: Recorder, tensors: dict[str, torch.Tensor], weights: set[str]) -> tuple[dict, dict]:
+    """The program, and the constants it keeps. A weight that reaches no constant is one the compiled code does
+    not read (inductor removed its computation); none is inlined as a literal, which the export's
+    ``always_keep_tensor_constants`` prevents (export/compile.py)."""
     by_pointer = {tensors[name].data_ptr(): name for name in weights if _strided(tensors[name])}
     made_by_code = {t.data_ptr() for n, t in tensors.items() if n not in weights and _strided(t)}
     constants, offset = [], 0
     inputs: dict[str, dict] = {}
     fixed: dict[str, torch.Tensor] = {}
-    for name, tensor in recorder.final:
-        nbytes = _nbytes(tensor)
-        entry: dict[str, Any] = {"name": name, "offset": offset, "nbytes": nbytes, "mkldnn": tensor.is_mkldnn}
-        if not tensor.is_mkldnn:
-            entry.update(_spec(tensor), stride=list(tensor.stride()), storage_offset=tensor.storage_offset())
+    for layout in recorder.final:
+        name, pointer = layout["name"], layout.pop("pointer")
+        entry: dict[str, Any] = {**layout, "offset": offset}
         if name in recorder.folded:
             entry["source"] = "computed"
-        elif not tensor.is_mkldnn and by_pointer.get(tensor.data_ptr()) is not None:
-            entry["source"], entry["input"] = "weight", by_pointer[tensor.data_ptr()]
+        elif pointer is not None and pointer in by_pointer:
+            entry["source"], entry["input"] = "weight", by_pointer[pointer]
             inputs[entry["input"]] = _spec(tensors[entry["input"]])
-        elif not tensor.is_mkldnn and (tensor.data_ptr() in made_by_code or name.startswith("_tensor_constant")):
+        elif pointer is not None and (pointer in made_by_code or name.startswith("_tensor_constant")):
             entry["source"] = "fixed"  # a tensor the traced code created itself: no weight behind it
         else:  # e.g. a constant a compiler pass registered itself (int8 repacks): its origin is unknown
             raise _Unsupported(f"the constant {name} comes from neither a weight nor a recorded folding")
         constants.append(entry)
-        offset += (nbytes + _ALIGN - 1) // _ALIGN * _ALIGN
+        offset += (entry["nbytes"] + _ALIGN - 1) // _ALIGN * _ALIGN
     folded: dict[str, dict] = {}
     aliases: dict[str, str] = {}
     pending = [entry["name"] for entry in constants if entry["source"] == "computed"]
@@ -242,21 +255,26 @@ def _program(
                     inputs[aliases[leaf]] = _spec(value)
                 else:  # a tensor the traced code made itself (Winograd's G): kept with the program
                     fixed[leaf] = value
-    missing = sorted(name for name in used if name not in inputs and _strided(tensors[name]))
-    if missing:  # e.g. inlined into the code as literals, where new values could not reach it
-        raise _Unsupported(f"the weight `{missing[0]}` is not among the package's constants")
     program = {"version": VERSION, "constants": constants, "folded": folded, "aliases": aliases, "inputs": inputs,
                "blob_bytes": offset}  # fmt: skip
     return program, fixed
 
 
-def _verify(program: dict, recorder: Recorder, tensors: dict[str, torch.Tensor], fixed: dict, blob: Path | None):
-    if blob is not None and blob.stat().st_size != program["blob_bytes"]:
+def _verify(program: dict, tensors: dict[str, torch.Tensor], fixed: dict, blob: Path | None) -> None:
+    """Every constant the program computes must equal, byte for byte, what the compile wrote into ``blob``."""
+    if blob is None:
+        raise _Unsupported("the package has no weights blob")
+    if blob.stat().st_size != program["blob_bytes"]:
         raise _Unsupported(f"the weights blob is {blob.stat().st_size} bytes, the layout read {program['blob_bytes']}")
-    compiled = dict(recorder.final)
-    for entry, data in _constant_bytes(program, fixed, tensors):
-        if data is not None and data != _tensor_bytes(compiled[entry["name"]]):
-            raise _Unsupported(f"replaying the folding did not reproduce the constant {entry['name']} byte for byte")
+    with open(blob, "rb") as written:
+        for entry, data in _constant_bytes(program, fixed, tensors):
+            if data is None:
+                continue
+            written.seek(entry["offset"])
+            if not np.array_equal(np.frombuffer(written.read(entry["nbytes"]), np.uint8), data):
+                raise _Unsupported(
+                    f"replaying the folding did not reproduce the constant {entry['name']} byte for byte"
+                )
 
 
 def _constant_bytes(program: dict, fixed: dict, tensors: dict[str, torch.Tensor]) -> Iterator[tuple[dict, Any]]:
@@ -411,6 +429,15 @@ def _decode(value: Any, env: dict[str, Any]) -> Any:
     return value
 
 
+def _layout(name: str, tensor: torch.Tensor) -> dict[str, Any]:
+    """Where a serialised constant's bytes come from and how the compiled code reads them (no tensor kept)."""
+    layout: dict[str, Any] = {"name": name, "nbytes": _nbytes(tensor), "mkldnn": tensor.is_mkldnn, "pointer": None}
+    if not tensor.is_mkldnn:
+        layout.update(_spec(tensor), stride=list(tensor.stride()), storage_offset=tensor.storage_offset())
+        layout["pointer"] = tensor.data_ptr()
+    return layout
+
+
 def _attribute(module: torch.nn.Module, target: str) -> Any:
     for part in target.split("."):
         module = getattr(module, part)
@@ -429,14 +456,16 @@ def _nbytes(tensor: torch.Tensor) -> int:
     return tensor.untyped_storage().nbytes()
 
 
-def _tensor_bytes(tensor: torch.Tensor) -> bytes:
-    """The bytes AOTInductor serialises for a constant: a oneDNN tensor's buffer, else the whole storage."""
+def _tensor_bytes(tensor: torch.Tensor) -> np.ndarray:
+    """The bytes AOTInductor serialises for a constant (a oneDNN tensor's buffer, else the whole storage), as a
+    view of the tensor's memory: valid while the tensor lives."""
     nbytes = _nbytes(tensor)
     if nbytes == 0:
-        return b""
-    if tensor.is_mkldnn:
-        return ctypes.string_at(torch.ops.mkldnn.data_ptr(tensor), nbytes)
-    return ctypes.string_at(tensor.untyped_storage().data_ptr(), nbytes)
+        return np.empty(0, np.uint8)
+    pointer = torch.ops.mkldnn.data_ptr(tensor) if tensor.is_mkldnn else tensor.untyped_storage().data_ptr()
+    memory = (ctypes.c_ubyte * nbytes).from_address(pointer)
+    memory.tensor = tensor  # the view keeps `memory` alive, and it the tensor
+    return np.frombuffer(memory, np.uint8)
 
 
 def _spec(tensor: torch.Tensor) -> dict[str, Any]:

@@ -100,8 +100,8 @@ def staged(output: Path, *, overwrite: bool = False) -> Iterator[Path]:
             free = shutil.disk_usage(output.parent).free / 2**30
             raise DiskFullError(
                 f"The disk filled up while writing the export ({cause}); {free:.2f} GiB free now. Nothing was "
-                f"written to {output}: free some space (a full-size SD 1.5 export takes about 4 GiB in fp32) or "
-                "export to another disk.",
+                f"written to {output}: free some space (a full-size SD 1.5 export takes about 4 GiB in fp32, 8 with "
+                "Winograd) or export to another disk.",
             ) from error
         raise
     _move_into_place(staging, output)
