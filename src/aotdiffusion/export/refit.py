@@ -167,8 +167,10 @@ def read_program(package_dir: Path) -> tuple[dict, dict[str, torch.Tensor]]:
 
 def check_inputs(program: dict, tensors: dict[str, torch.Tensor], where: str) -> None:
     """The new weights must be the compiled ones' architecture: same names, shapes and dtypes."""
-    for name, spec in program["inputs"].items():
-        tensor = tensors.get(name)
+    inputs = program["inputs"]
+    # In the new model's own order, so "the first tensor that differs" is the first a reader of it would find.
+    for name in [*(n for n in tensors if n in inputs), *(n for n in inputs if n not in tensors)]:
+        spec, tensor = inputs[name], tensors.get(name)
         if tensor is None:
             raise RefitError(f"{where}: the new weights have no tensor `{name}` (compiled with {_describe(spec)}).")
         if _spec(tensor) != spec:
