@@ -291,6 +291,7 @@ _COMPILED_FLAGS = (
 def _export(args: argparse.Namespace) -> None:
     hub = {"revision": args.revision} if args.revision else {}
     start = time.perf_counter()
+    common = {"lora": args.lora, "validate": not args.disable_validation, "overwrite": args.overwrite, **hub}
     if args.reuse_compiled is not None:
         given = [dest for dest, default in args.compiled_defaults.items() if getattr(args, dest) != default]
         if given:
@@ -302,44 +303,32 @@ def _export(args: argparse.Namespace) -> None:
         from .pipelines.auto import pipeline_class_for
 
         cls = pipeline_class_for(args.reuse_compiled, exported=True)
+        cls.export(args.model, args.output, reuse_compiled=args.reuse_compiled, **common)
+    else:
+        cls = _pipeline_class(args.task, args.model, hub)
         cls.export(
             args.model,
             args.output,
-            reuse_compiled=args.reuse_compiled,
-            lora=args.lora,
-            validate=not args.disable_validation,
-            overwrite=args.overwrite,
-            **hub,
+            device=args.device,
+            auto_cast=args.auto_cast,
+            auto_cast_type=args.auto_cast_type,
+            vae_encoder=not args.no_vae_encoder,
+            deep_cache=args.deep_cache,
+            quantize=args.quantize,
+            fp32_linear=args.fp32_linear,
+            conv_algorithm=args.conv_algorithm,
+            unet_id=args.unet,
+            batch_size=args.batch_size,
+            height=args.height,
+            width=args.width,
+            num_images_per_prompt=args.num_images_per_prompt,
+            classifier_free_guidance=args.classifier_free_guidance,
+            split_guidance_batch=args.split_guidance_batch,
+            compile_cache=not args.no_cache,
+            **common,
         )
-        print(f"Exported to {args.output} in {time.perf_counter() - start:.0f}s, no compiling. Generate with:")
-        print(f'  aotdiffusion generate {args.output} "a photo of an astronaut riding a horse on mars"')
-        return
-    cls = _pipeline_class(args.task, args.model, hub)
-    cls.export(
-        args.model,
-        args.output,
-        device=args.device,
-        auto_cast=args.auto_cast,
-        auto_cast_type=args.auto_cast_type,
-        validate=not args.disable_validation,
-        vae_encoder=not args.no_vae_encoder,
-        deep_cache=args.deep_cache,
-        quantize=args.quantize,
-        fp32_linear=args.fp32_linear,
-        conv_algorithm=args.conv_algorithm,
-        unet_id=args.unet,
-        batch_size=args.batch_size,
-        height=args.height,
-        width=args.width,
-        num_images_per_prompt=args.num_images_per_prompt,
-        classifier_free_guidance=args.classifier_free_guidance,
-        split_guidance_batch=args.split_guidance_batch,
-        overwrite=args.overwrite,
-        compile_cache=not args.no_cache,
-        lora=args.lora,
-        **hub,
-    )
-    print(f"Exported to {args.output} in {time.perf_counter() - start:.0f}s. Generate with:")
+    how = ", no compiling" if args.reuse_compiled is not None else ""
+    print(f"Exported to {args.output} in {time.perf_counter() - start:.0f}s{how}. Generate with:")
     print(f'  aotdiffusion generate {args.output} "a photo of an astronaut riding a horse on mars"')
 
 
