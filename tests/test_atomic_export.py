@@ -60,8 +60,10 @@ KILLER = textwrap.dedent(
             if ".old-" in str(destination):
                 die()
         staging.os.rename = rename
+    # The moments up to writing the weights need a compile; later ones take the session's cached packages.
     AOTStableDiffusionPipeline.export(
-        model, target, height=64, width=64, auto_cast="none", overwrite=True, compile_cache=False
+        model, target, height=64, width=64, auto_cast="none", overwrite=True,
+        compile_cache=moment not in ("tracing", "compiling", "writing weights"),
     )
     """
 )

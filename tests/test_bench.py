@@ -1,4 +1,4 @@
-"""``aotdiffusion bench --quick``: every variant runs on the tiny model, so the benchmark cannot rot."""
+"""``aotdiffusion bench --quick``: the variants run on the tiny model (compile-fp32 aside), so the bench cannot rot."""
 
 from __future__ import annotations
 
@@ -9,16 +9,19 @@ from conftest import cli
 
 from aotdiffusion.bench.variants import VARIANTS
 
+# compile-fp32 is compile-bf16's recipe in another dtype (the slowest variant to start: 75 s of torch.compile).
+TESTED = [variant for variant in VARIANTS if variant != "compile-fp32"]
+
 
 def test_bench_quick_runs_every_variant_side_by_side(tiny_sd, sd_deep_cache, sd_int8, tmp_path):
     out = tmp_path / "bench"
-    variants = ",".join(VARIANTS)
+    variants = ",".join(TESTED)
     args = ["--quick", "--model", str(tiny_sd), "--aot-dir", str(sd_deep_cache), "--aot-int8-dir", str(sd_int8),
             "--variants", variants, str(out)]  # fmt: skip
     result = cli("bench", *args)
     report = json.loads((out / "results.json").read_text())
     results = report["results"]
-    assert list(results) == list(VARIANTS)
+    assert list(results) == TESTED
     for variant, r in results.items():
         for metric in ("text_encoder", "unet_step", "vae_decode", "end_to_end"):
             assert r[metric]["runs"] >= 1 and 0 < r[metric]["min"] <= r[metric]["median"] <= r[metric]["max"], variant
@@ -29,7 +32,7 @@ def test_bench_quick_runs_every_variant_side_by_side(tiny_sd, sd_deep_cache, sd_
     # bf16 ones are measurably further away but still the same image.
     psnr = {v: r["psnr_vs_eager_fp32_db"] for v, r in results.items()}
     assert psnr["eager-fp32"] == float("inf")
-    for variant in ("aotdiffusion", "compile-fp32", "openvino-fp32"):
+    for variant in ("aotdiffusion", "openvino-fp32"):
         assert psnr[variant] > 70, (variant, psnr)
     for variant in ("eager-bf16", "compile-bf16"):
         assert 25 < psnr[variant] < psnr["aotdiffusion"], (variant, psnr)
@@ -56,5 +59,5 @@ def test_bench_quick_runs_every_variant_side_by_side(tiny_sd, sd_deep_cache, sd_
     assert "| lever | UNet step vs fastest float peer | end-to-end vs fastest float peer |" in markdown
     assert "| aotdiffusion-int8-cache5 |" in markdown and "end-to-end vs openvino-int8" in markdown
     rows = list(csv.DictReader((out / "results.csv").open()))
-    assert {row["variant"] for row in rows} == set(VARIANTS)
+    assert {row["variant"] for row in rows} == set(TESTED)
     assert any(row["metric"] == "unet_step" and float(row["median_s"]) > 0 for row in rows)

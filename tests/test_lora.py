@@ -21,8 +21,10 @@ def _tiny_lora(tiny_sd, folder, seed):
     pipe = StableDiffusionPipeline.from_pretrained(tiny_sd)
     torch.manual_seed(seed)
     # init_lora_weights=False: random A and B (peft's default B = 0 would be a no-op adapter).
+    # The attention's linears, and the resnets' 3x3 convolutions (LoCon): in every block, the step-caching
+    # graph's shallow ones too, and Winograd-transformed in Winograd exports.
     pipe.unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights=False,
-                                     target_modules=["to_q", "to_k", "to_v", "to_out.0"]))  # fmt: skip
+                                     target_modules=["to_q", "to_k", "to_v", "to_out.0", "conv1"]))  # fmt: skip
     # peft directly: transformers 5's own add_adapter wants a newer peft than the registry has.
     text_config = LoraConfig(r=4, lora_alpha=4, init_lora_weights=False,
                              target_modules=["q_proj", "k_proj", "v_proj", "out_proj"])  # fmt: skip
@@ -71,7 +73,7 @@ def test_two_loras_fused_at_their_scales_match_eager_diffusers(tiny_sd, sd_fp32,
         fused = dict(getattr(pipe, model).named_parameters())
         base = dict(getattr(eager_sd, model).named_parameters())
         changed = [name for name in base if not torch.equal(base[name], fused[name])]
-        assert changed and all("attn" in name for name in changed), (model, changed[:3])
+        assert changed and all("attn" in name or "conv1" in name for name in changed), (model, changed[:3])
     index = artifact.read_pipeline_index(out)[1]
     assert index["loras"] == [{"source": str(style), "scale": 0.7}, {"source": str(subject), "scale": 0.4}]
 
@@ -93,3 +95,94 @@ def test_lora_arguments_are_checked(tiny_sd, sd_fp32, tmp_path):
     with pytest.raises(ValueError, match="Could not load the LoRA"):
         AOTStableDiffusionPipeline.export(tiny_sd, tmp_path / "x", reuse_compiled=sd_fp32, lora=[str(tmp_path / "no")])
     assert not (tmp_path / "x").exists()
+
+
+# ---------------------------------------------------------------------------------- on a loaded pipeline
+@pytest.fixture
+def no_compiling(monkeypatch):
+    """In-place LoRA must never compile: any AOTInductor compile inside the test is a failure."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("an AOTInductor compile ran")
+
+    monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", refuse)
+
+
+def _both(compiled, eager, method, *args, **kwargs):
+    getattr(compiled, method)(*args, **kwargs)
+    getattr(eager, method)(*args, **kwargs)
+
+
+def test_lora_methods_on_a_loaded_pipeline_change_its_compiled_weights_as_diffusers_does(
+    tiny_sd, sd_winograd, loras, load, no_compiling
+):
+    from diffusers import StableDiffusionPipeline
+
+    style, subject = loras
+    # Winograd: the UNet's 3x3 convolutions hold G g G^T of their weights, the attention oneDNN-packed linears.
+    pipe = load(sd_winograd)
+    eager = StableDiffusionPipeline.from_pretrained(tiny_sd)
+    eager.set_progress_bar_config(disable=True)
+    base = run_pipe(pipe)
+
+    def same_as_eager(state):
+        images = run_pipe(pipe)
+        assert np.abs(images - run_pipe(eager)).max() < 1e-3, state
+        return images
+
+    _both(pipe, eager, "load_lora_weights", style, adapter_name="style")
+    assert np.abs(same_as_eager("one adapter loaded") - base).max() > 0.02  # the LoRA changed the images
+    _both(pipe, eager, "load_lora_weights", subject, adapter_name="subject")
+    _both(pipe, eager, "set_adapters", ["style", "subject"], adapter_weights=[0.7, 0.4])
+    same_as_eager("two adapters at 0.7 and 0.4")
+    assert pipe.get_active_adapters() == ["style", "subject"]
+    assert pipe.get_list_adapters() == {"unet": ["style", "subject"], "text_encoder": ["style", "subject"]}
+    _both(pipe, eager, "fuse_lora", lora_scale=0.5)
+    same_as_eager("fused at lora_scale 0.5")
+    _both(pipe, eager, "unfuse_lora")
+    same_as_eager("unfused")
+    _both(pipe, eager, "set_adapters", "subject")
+    same_as_eager("switched to one adapter")
+    _both(pipe, eager, "disable_lora")
+    same_as_eager("disabled")
+    _both(pipe, eager, "enable_lora")
+    _both(pipe, eager, "delete_adapters", "subject")
+    same_as_eager("deleted")
+    _both(pipe, eager, "fuse_lora")
+    _both(pipe, eager, "unload_lora_weights")  # what was fused stays, as in diffusers
+    same_as_eager("fused then unloaded")
+    with pytest.raises(ValueError, match="--reuse-compiled"):
+        pipe.save_pretrained("unused")  # it would copy the export without the LoRA
+    # A fresh load has the export's weights: nothing was written to disk.
+    np.testing.assert_array_equal(run_pipe(load(sd_winograd)), base)
+
+
+def test_in_place_lora_reaches_the_step_caching_graph_and_sibling_pipelines(
+    tiny_sd, sd_deep_cache, loras, load, tmp_path
+):
+    from aotdiffusion import AOTStableDiffusionImg2ImgPipeline
+
+    style, _ = loras
+    fused = tmp_path / "fused"  # the export path (validated in its own tests) as the reference
+    AOTStableDiffusionPipeline.export(tiny_sd, fused, reuse_compiled=sd_deep_cache, lora=[f"{style}:0.6"],
+                                      validate=False)  # fmt: skip
+    reference = load(fused)
+    pipe = load(sd_deep_cache)
+    sibling = pipe.sibling(AOTStableDiffusionImg2ImgPipeline)
+    pipe.load_lora_weights(style, adapter_name="style")
+    pipe.set_adapters("style", 0.6)  # what export --lora does (export/lora.py)
+    pipe.fuse_lora()
+    for interval in (1, 2):  # 2: every other step runs the shallow graph
+        np.testing.assert_allclose(
+            run_pipe(pipe, cache_interval=interval), run_pipe(reference, cache_interval=interval), atol=1e-4
+        )
+    # A sibling shares the compiled parts, so it runs (and reports) the same adapters.
+    assert sibling.unet is pipe.unet and sibling.get_list_adapters() == {"unet": ["style"], "text_encoder": ["style"]}
+
+
+def test_in_place_lora_errors_say_what_to_do_instead(sd_int8, sd_fp32, loras, load):
+    style, _ = loras
+    with pytest.raises(ValueError, match="int8.*no refit program.*export --model MODEL .*--lora"):
+        load(sd_int8).load_lora_weights(style)  # int8 scales come from calibration: no in-place change
+    with pytest.raises(ValueError, match="cannot move"):
+        load(sd_fp32).set_lora_device(["style"], "cuda")

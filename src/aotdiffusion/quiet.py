@@ -22,6 +22,8 @@ _NOTICES = {
     "torch.utils._pytree": ("is an Enum subclass and is now natively supported by torch.compile",),
     "diffusers.quantizers.torchao.torchao_quantizer": ("Unable to import `torchao` Tensor objects",),
 }
+# A notice dropped only when it holds none of these words.
+_UNLESS = {"transformers.integrations.peft": ("LOAD REPORT", ("UNEXPECTED", "MISMATCH", "CONVERSION"))}
 
 
 class _DropNotices(logging.Filter):
@@ -31,12 +33,15 @@ class _DropNotices(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
+        if record.name in _UNLESS:
+            notice, unless = _UNLESS[record.name]
+            return not (notice in message and not any(word in message for word in unless))
         return not any(notice in message for notice in self.notices)
 
 
 def drop_irrelevant_notices() -> None:
     """Installs the filters on the loggers that emit them; call before importing diffusers."""
-    for name, notices in _NOTICES.items():
+    for name, notices in {**_NOTICES, **{name: () for name in _UNLESS}}.items():
         logger = logging.getLogger(name)
         if not any(isinstance(f, _DropNotices) for f in logger.filters):
             logger.addFilter(_DropNotices(notices))

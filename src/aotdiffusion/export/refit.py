@@ -212,6 +212,142 @@ def write_blob(program: dict, fixed: dict[str, torch.Tensor], tensors: dict[str,
     return digest.hexdigest()
 
 
+# How each operator a folded constant may apply to weights is linear in them, which is what lets a change of the
+# weights (a LoRA) be added to the compiled constants: f(W + dW) = f(W) + f(dW). "all": linear in all its tensor
+# arguments together (a rearrangement, a cast, a sum of weight terms); "one": linear in one tensor argument while
+# the others are fixed (a product with Winograd's G).
+_LINEARITY = {
+    **dict.fromkeys(
+        ["aten.permute", "aten.reshape", "aten.view", "aten._unsafe_view", "aten.clone", "aten.contiguous",
+         "aten.unsqueeze", "aten.squeeze", "aten.t", "aten.transpose", "aten.expand", "aten.slice", "aten.select",
+         "aten.alias", "aten.cat", "aten.stack", "aten.split", "aten.split_with_sizes", "aten.chunk", "aten.unbind",
+         "aten._to_copy", "prims.convert_element_type", "aten.neg", "aten.add", "aten.sub", "aten.embedding",
+         "aten.constant_pad_nd", "mkldnn._reorder_convolution_weight", "mkldnn._reorder_linear_weight",
+         "mkldnn._reorder_convolution_transpose_weight", "getitem"],
+        "all",
+    ),
+    **dict.fromkeys(["aten.mul", "aten.div", "aten.bmm", "aten.mm", "aten.matmul"], "one"),
+}  # fmt: skip
+
+
+def weights_of(program: dict) -> dict[str, set[str]]:
+    """Each constant of the blob -> the weights (program inputs) it is computed from."""
+    folded, aliases = program["folded"], program["aliases"]
+    memo: dict[str, set[str]] = {}
+
+    def reads(name: str) -> set[str]:
+        if name not in memo:
+            if name in folded:
+                memo[name] = set().union(*(reads(leaf) for leaf in folded[name]["leaves"]))
+            else:
+                name_in = aliases.get(name, name)
+                memo[name] = {name_in} if name_in in program["inputs"] else set()
+        return memo[name]
+
+    return {
+        entry["name"]: reads(entry["name"]) if entry["source"] == "computed" else
+        ({entry["input"]} if entry["source"] == "weight" else set())
+        for entry in program["constants"]
+    }  # fmt: skip
+
+
+def changed_constants(program: dict, fixed: dict[str, torch.Tensor], blob: Path,
+                      deltas: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:  # fmt: skip
+    """The new value of every constant computed from a weight in ``deltas`` (program input name -> change of that
+    weight; other weights unchanged): the export's constant, read from ``blob``, plus the program applied to the
+    change. Each is laid out as the compiled code reads it (a oneDNN tensor where the constant is one)."""
+    reads = weights_of(program)
+    entries = [entry for entry in program["constants"] if reads[entry["name"]] & deltas.keys()]
+    for entry in entries:
+        if entry["source"] == "computed":
+            _check_linear(program, entry["name"], set(deltas))
+    folded, aliases, inputs = program["folded"], program["aliases"], program["inputs"]
+
+    def change(name: str) -> torch.Tensor:
+        """The change of a folded value: the graph run on the changes of its weights (zero for the weights that do
+        not change) with its fixed tensors (Winograd's G) as they are. Linear graphs only (checked above)."""
+        if name in folded:
+            return _run(folded[name], change)
+        if name in fixed:
+            return fixed[name]
+        name = aliases.get(name, name)
+        spec = inputs[name]
+        if name not in deltas:
+            return torch.zeros(spec["shape"], dtype=getattr(torch, spec["dtype"]))
+        return deltas[name].to(getattr(torch, spec["dtype"]))
+
+    changed = {}
+    with open(blob, "rb") as source:
+        for entry in entries:
+            source.seek(entry["offset"])
+            base = torch.frombuffer(bytearray(source.read(entry["nbytes"])), dtype=torch.uint8)
+            delta = change(entry["name"]) if entry["source"] == "computed" else change(entry["input"])
+            if delta.is_mkldnn:  # the change, prepacked like the constant; the constant's bytes added in place
+                if _nbytes(delta) != entry["nbytes"]:
+                    raise RefitError(f"The constant {entry['name']} changed its oneDNN layout.")
+                memory = torch.from_numpy(_tensor_bytes(delta)).view(delta.dtype)
+                memory.copy_(memory.float() + base.view(delta.dtype).float())
+                changed[entry["name"]] = delta
+            else:
+                dtype = getattr(torch, entry["dtype"])
+                old = base.view(dtype).as_strided(entry["shape"], entry["stride"], entry["storage_offset"])
+                changed[entry["name"]] = _laid_out((old.float() + delta.float()).to(dtype), entry)
+    return changed
+
+
+def _check_linear(program: dict, name: str, changing: set[str]) -> bool:
+    """Whether the folded constant ``name`` reads a weight of ``changing``; raises RefitError unless it is linear
+    in those (each operator on a value that changes one of _LINEARITY's, with no fixed term added)."""
+    folded, aliases = program["folded"], program["aliases"]
+    varies: set[str] = set()  # the nodes whose value changes
+    for node in folded[name]["nodes"]:
+        if node["op"] == "get_attr":
+            leaf = node["target"]
+            if _check_linear(program, leaf, changing) if leaf in folded else aliases.get(leaf, leaf) in changing:
+                varies.add(node["name"])
+            continue
+        arguments = _node_arguments(node["args"]) + _node_arguments(node["kwargs"])
+        varying = [a for a in arguments if a in varies]
+        if not varying:
+            continue
+        target = node["target"]
+        operator_name = ".".join(target.split(".")[:2])
+        kind, op = _LINEARITY.get(operator_name), operator_name.rpartition(".")[2]
+        first = _node_arguments(node["args"][:1])
+        if kind == "one":
+            linear = len(varying) == 1 and (op != "div" or varying == first)
+        elif kind == "all":
+            scalars = [a for a in node["args"][1:] if isinstance(a, (int, float)) and not isinstance(a, bool)]
+            linear = not (
+                (op in ("add", "sub", "cat", "stack") and len(varying) < len(arguments))  # a fixed term added
+                or (op in ("add", "sub") and any(scalars))  # x + 2: affine
+                or (op == "constant_pad_nd" and any(node["args"][2:3]))  # padding with a nonzero value
+                or (op == "embedding" and varying != first)  # linear in the table, not in the indices
+            )
+        else:
+            linear = False
+        if not linear:
+            raise RefitError(
+                f"The compiled constant {name} is computed with {target}, which is not linear in the weights, so a "
+                "change of the weights cannot be added to it in place; fuse the LoRA at export instead: "
+                "aotdiffusion export --reuse-compiled EXPORT --lora LORA OUT."
+            )
+        varies.add(node["name"])
+    return folded[name]["output"] in varies
+
+
+def _node_arguments(value: Any) -> list[str]:
+    """The names of the graph nodes an encoded argument refers to."""
+    if isinstance(value, list):
+        return [name for v in value for name in _node_arguments(v)]
+    if isinstance(value, dict):
+        if "node" in value:
+            return [value["node"]]
+        if "dict" in value:
+            return _node_arguments(list(value["dict"].values()))
+    return []
+
+
 def _program(recorder: Recorder, tensors: dict[str, torch.Tensor], weights: set[str]) -> tuple[dict, dict]:
     """The program, and the constants it keeps. A weight that reaches no constant is one the compiled code does
     not read (inductor removed its computation); none is inlined as a literal, which the export's

@@ -31,6 +31,7 @@ from ..runtime.compiled import CompiledComponent
 from ..runtime.components import AOTAutoencoderKL, AOTTextEncoder, AOTUNet
 from ..shapes import PipelineShapes
 from .images import conform_images
+from .lora import CHANGING_METHODS, CompiledLoras, lora_method
 
 # export() arguments that a reused export takes from the export whose code it reuses.
 REUSED_ARGUMENTS = (
@@ -243,6 +244,8 @@ class AOTPipelineMixin:
         # diffusers' pipelines keep per-call state on themselves and their scheduler (timesteps, guidance
         # scale, step index): concurrent calls from threads would mix it, so calls take turns.
         pipe._call_lock = threading.Lock()
+        # LoRA adapters changing the compiled weights in place: made on first use, shared with siblings.
+        pipe._lora_state = {}
         pipe.static_shapes = PipelineShapes.from_dict(block["shapes"])
         pipe.compiled_device = torch.device(device or block["device"])
         return pipe
@@ -279,7 +282,8 @@ class AOTPipelineMixin:
             return self
         parts = dict(self.components)
         pipe = pipeline_cls._assemble(parts, parts)
-        for name in ("_artifact_dir", "_export_tmpdir", "_call_lock", "static_shapes", "compiled_device"):
+        shared = ("_artifact_dir", "_export_tmpdir", "_call_lock", "static_shapes", "compiled_device", "_lora_state")
+        for name in shared:
             setattr(pipe, name, getattr(self, name))
         pipe.set_progress_bar_config(**getattr(self, "_progress_bar_config", {}))
         return pipe
@@ -290,6 +294,12 @@ class AOTPipelineMixin:
 
         A scheduler swapped after loading is what gets saved, as with a diffusers pipeline.
         """
+        if "loras" in self._lora_state and self._lora_state["loras"].active:
+            raise ValueError(
+                "This pipeline's compiled weights carry LoRA adapters changed in place, which save_pretrained would "
+                "not save (it copies the export). Write an export with them fused: aotdiffusion export --model "
+                f"MODEL --reuse-compiled {self._artifact_dir} --lora LORA[:SCALE] OUT, or unload_lora_weights() first."
+            )
         target = Path(save_directory)
         source = Path(self._artifact_dir)
         if target.resolve() != source.resolve():
@@ -321,6 +331,30 @@ class AOTPipelineMixin:
         repo = api.create_repo(repository_id, private=private, exist_ok=True)
         api.upload_folder(folder_path=str(folder), repo_id=repository_id, commit_message=commit_message)
         return str(getattr(repo, "url", repo))
+
+    # ------------------------------------------------------------------------------------ LoRA
+    # diffusers' adapter methods, with their names and meanings, changing the compiled weights in place
+    # (pipelines/lora.py): no compiling, the kernels unchanged.
+    for _method in CHANGING_METHODS:
+        locals()[_method] = lora_method(_method)
+    del _method
+
+    def _compiled_loras(self) -> CompiledLoras:
+        if "loras" not in self._lora_state:
+            self._lora_state["loras"] = CompiledLoras(self)
+        return self._lora_state["loras"]
+
+    def get_active_adapters(self) -> list[str]:
+        return self._compiled_loras().shadow.get_active_adapters()
+
+    def get_list_adapters(self) -> dict[str, list[str]]:
+        return self._compiled_loras().shadow.get_list_adapters()
+
+    def set_lora_device(self, adapter_names: list[str], device: Any) -> None:
+        raise ValueError(
+            "A compiled pipeline's LoRA adapters are part of its compiled weights, on the device it was compiled for "
+            f"({self.compiled_device}); they cannot move."
+        )
 
     # ---------------------------------------------------------------------------- device rules
     @property

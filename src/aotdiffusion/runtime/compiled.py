@@ -37,6 +37,7 @@ class CompiledComponent:
             keep_freed_memory()
         device_index = self.device.index if self.device.index is not None else -1
         self._runner = _load_unpacked(self.folder / graph["file"], device_index)
+        self._owned_constants: dict[str, torch.Tensor] = {}
 
     @property
     def static(self) -> dict[str, Any]:
@@ -67,6 +68,12 @@ class CompiledComponent:
         if isinstance(outputs, torch.Tensor):
             outputs = (outputs,)
         return dict(zip(self.output_names, outputs))
+
+    def update_constants(self, constants: dict[str, torch.Tensor]) -> None:
+        """Replaces compiled constants (by their names in the package) with ``constants``, laid out as the compiled
+        code reads them; the tensors are kept here, since the loaded model reads them where they lie."""
+        self._runner.loader.update_constant_buffer(constants, False, False, True)  # user-managed: no copy
+        self._owned_constants.update(constants)
 
     def load_extra_state(self, name: str) -> torch.nn.Module | None:
         """Rebuilds a small eager module saved beside the graph (e.g. CLIP's final LayerNorm)."""

@@ -34,6 +34,9 @@ SAVED_PART_BASES: dict[str, tuple[str, ...]] = {
     "transformers": ("PreTrainedTokenizerBase", "ImageProcessingMixin", "FeatureExtractionMixin"),
 }
 
+# Text encoders a LoRA may adapt on a loaded pipeline (pipelines/lora.py rebuilds them, hollow, from their config).
+ADAPTABLE_TEXT_ENCODERS = frozenset({"CLIPTextModel", "CLIPTextModelWithProjection"})
+
 
 def _import(qualified: str) -> Any:
     module_name, _, name = qualified.rpartition(".")
@@ -81,3 +84,15 @@ def saved_part_class(library: Any, class_name: Any, where: str) -> type:
             "to use it. Export the model again."
         )
     return found
+
+
+def adaptable_model_class(library: Any, class_name: Any, where: str) -> type:
+    """The text encoder class of a model_index.json entry ``[library, class_name]``, for LoRA on a loaded export."""
+    if library != "transformers" or class_name not in ADAPTABLE_TEXT_ENCODERS:
+        raise ArtifactError(
+            f"{where} names the text encoder [{library!r}, {class_name!r}]; a LoRA adapts only "
+            f"{', '.join(sorted(ADAPTABLE_TEXT_ENCODERS))} of transformers. Refusing to import it."
+        )
+    import transformers
+
+    return getattr(transformers, class_name)
