@@ -36,8 +36,8 @@ test: setup $(CHROMIUM)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q --durations=40 tests
 
 lint: setup
-	$(BIN)/ruff check src tests
-	$(BIN)/ruff format --check src tests
+	$(BIN)/ruff check src tests scripts
+	$(BIN)/ruff format --check src tests scripts
 
 clean:
 	rm -rf build $(VENV)
