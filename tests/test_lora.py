@@ -180,9 +180,27 @@ def test_in_place_lora_reaches_the_step_caching_graph_and_sibling_pipelines(
     assert sibling.unet is pipe.unet and sibling.get_list_adapters() == {"unet": ["style"], "text_encoder": ["style"]}
 
 
-def test_in_place_lora_errors_say_what_to_do_instead(sd_int8, sd_fp32, loras, load):
+def test_in_place_lora_errors_say_what_to_do_instead(tiny_sd, sd_int8, sd_fp32, loras, load, tmp_path):
+    from diffusers import StableDiffusionPipeline
+    from peft import LoraConfig
+
     style, _ = loras
     with pytest.raises(ValueError, match="int8.*no refit program.*export --model MODEL .*--lora"):
         load(sd_int8).load_lora_weights(style)  # int8 scales come from calibration: no in-place change
+    pipe = load(sd_fp32)
     with pytest.raises(ValueError, match="cannot move"):
-        load(sd_fp32).set_lora_device(["style"], "cuda")
+        pipe.set_lora_device(["style"], "cuda")
+    # A DoRA needs the base weights' norms: refused, and taken out again (the pipeline is as before).
+    eager = StableDiffusionPipeline.from_pretrained(tiny_sd)
+    eager.unet.add_adapter(LoraConfig(r=4, use_dora=True, init_lora_weights=False, target_modules=["to_q"]))
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    StableDiffusionPipeline.save_lora_weights(
+        tmp_path / "dora", unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(eager.unet))
+    )
+    base = run_pipe(pipe)
+    with pytest.raises(ValueError, match="DoRA.*--lora"):
+        pipe.load_lora_weights(tmp_path / "dora", adapter_name="dora")
+    assert not any(pipe.get_list_adapters().values())  # no adapter left behind
+    np.testing.assert_array_equal(run_pipe(pipe), base)

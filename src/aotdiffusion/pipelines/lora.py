@@ -87,11 +87,20 @@ class CompiledLoras:
         self._adapted: dict[str, set[str]] = {name: set() for name in self.graphs}
 
     def run(self, method: str, *args: Any, **kwargs: Any) -> Any:
-        """Runs diffusers' ``method`` on the hollow models, then updates the compiled weights to match."""
+        """Runs diffusers' ``method`` on the hollow models, then updates the compiled weights to match. An adapter
+        whose change cannot be applied (a DoRA, a constant not linear in its weight) is taken out again: the
+        compiled weights and the adapters diffusers lists stay as they were."""
+        before = {name for names in self.shadow.get_list_adapters().values() for name in names}
         result = getattr(self.shadow, method)(*args, **kwargs)
-        if method == "load_lora_weights":
-            self._materialize_adapted()
-        self.sync()
+        try:
+            if method == "load_lora_weights":
+                self._materialize_adapted()
+            self.sync()
+        except Exception:
+            added = {name for names in self.shadow.get_list_adapters().values() for name in names} - before
+            if added:
+                self.shadow.delete_adapters(sorted(added))
+            raise
         return result
 
     @property
