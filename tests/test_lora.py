@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import cli, run_pipe
+from conftest import PROMPT, STEPS, cli, run_pipe
 
 from aotdiffusion import AOTStableDiffusionPipeline, artifact
 from aotdiffusion.export.lora import parse_lora
@@ -79,11 +79,21 @@ def test_two_loras_fused_at_their_scales_match_eager_diffusers(tiny_sd, sd_fp32,
 
 
 def test_the_cli_fuses_a_lora(tiny_sd, sd_fp32, loras, load, tmp_path):
-    style, _ = loras
+    from PIL import Image
+
+    style, subject = loras
     out = tmp_path / "cli-lora"
     cli("export", "--model", str(tiny_sd), "--reuse-compiled", str(sd_fp32), "--lora", f"{style}:0.5",
         "--disable-validation", str(out))  # fmt: skip
-    assert np.abs(run_pipe(load(out)) - run_pipe(_eager_with(tiny_sd, [(style, 0.5)]))).max() < 1e-3
+    expected = run_pipe(_eager_with(tiny_sd, [(style, 0.5)]))
+    assert np.abs(run_pipe(load(out)) - expected).max() < 1e-3
+    # generate --lora: the same adapter applied to the loaded base export, in place.
+    cli("generate", str(sd_fp32), PROMPT, "--steps", str(STEPS), "--lora", f"{style}:0.5", "--output",
+        str(tmp_path / "images"))  # fmt: skip
+    png = np.asarray(Image.open(tmp_path / "images" / "seed0-0.png"), dtype=np.int16)
+    assert np.abs(png - np.round(expected[0] * 255)).max() <= 1  # 8-bit rounding
+    refused = cli("generate", str(sd_fp32), "--prompts", "p.txt", "--ray", "--lora", str(subject), check=False)
+    assert refused.returncode == 2 and "--reuse-compiled" in refused.stderr
 
 
 def test_lora_arguments_are_checked(tiny_sd, sd_fp32, tmp_path):

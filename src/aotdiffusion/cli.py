@@ -175,6 +175,15 @@ def _parser() -> argparse.ArgumentParser:
         default=1,
         help="step caching: one full UNet pass every N steps, shallow ones between (export --deep-cache); 1 = off",
     )
+    _flag(
+        generate,
+        "lora",
+        action="append",
+        default=[],
+        metavar="PATH_OR_ID[:SCALE]",
+        help="apply this LoRA to the loaded compiled pipeline (repeatable; SCALE default 1): diffusers' "
+        "load_lora_weights and set_adapters, the compiled weights changed in place, nothing compiled",
+    )
     _flag(generate, "output", type=Path, default=Path("images"), help="folder for the PNGs (default images/)")
 
     serve = commands.add_parser("serve", help="serve exports over an OpenAI-compatible HTTP API with a web page")
@@ -336,6 +345,7 @@ def _generate(args: argparse.Namespace) -> None:
     import diffusers
     import torch
 
+    from .export.lora import parse_lora
     from .pipelines.auto import FAMILIES, family_of, pipeline_class_for
     from .pipelines.base import _local_or_download
     from .pipelines.images import decode_image
@@ -354,7 +364,13 @@ def _generate(args: argparse.Namespace) -> None:
         cls = FAMILIES[task][2 if args.mask_image is not None else 1] or exported_cls
         if cls is exported_cls and exported_cls is FAMILIES[task][0]:
             raise ValueError(f"{exported_cls.__name__} exports do not take an input image (--image).")
+    loras = [parse_lora(lora) for lora in args.lora]  # bad scales fail before anything loads
     pipe = cls.from_pretrained(folder, trust_remote_code=args.trust_remote_code)
+    if loras:
+        names = [f"lora_{i}" for i in range(len(loras))]
+        for name, (source, _) in zip(names, loras):
+            pipe.load_lora_weights(source, adapter_name=name)
+        pipe.set_adapters(names, adapter_weights=[scale for _, scale in loras])
     if args.scheduler:
         scheduler_cls = getattr(diffusers, args.scheduler, None)
         if scheduler_cls is None or not hasattr(scheduler_cls, "from_config"):
@@ -465,6 +481,11 @@ def _generate_prompts(args: argparse.Namespace) -> None:
         raise ValueError("Give either a prompt or --prompts FILE, not both.")
     if args.replicas < 1:
         raise ValueError(f"--replicas must be at least 1, got {args.replicas}.")
+    if args.lora:
+        raise ValueError(
+            "--lora with --prompts --ray is not supported: write an export with the LoRA fused "
+            "(aotdiffusion export --reuse-compiled EXPORT --lora LORA OUT) and generate from it."
+        )
     _ray_init(args)
     from .serve import offline
 

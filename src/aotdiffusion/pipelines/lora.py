@@ -16,6 +16,8 @@ removing every adapter returns the exported constants exactly.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -91,7 +93,8 @@ class CompiledLoras:
         whose change cannot be applied (a DoRA, a constant not linear in its weight) is taken out again: the
         compiled weights and the adapters diffusers lists stay as they were."""
         before = {name for names in self.shadow.get_list_adapters().values() for name in names}
-        result = getattr(self.shadow, method)(*args, **kwargs)
+        with _no_transformers_progress_bar():
+            result = getattr(self.shadow, method)(*args, **kwargs)
         try:
             if method == "load_lora_weights":
                 self._materialize_adapted()
@@ -168,6 +171,21 @@ def _program(graph: CompiledComponent) -> tuple[dict, dict]:
             "--lora LORA[:SCALE] OUT, with this export's options."
         )
     return refit.read_program(graph.folder / artifact.PACKAGE_DIR)
+
+
+@contextmanager
+def _no_transformers_progress_bar() -> Iterator[None]:
+    """transformers draws a "Loading weights" bar for each adapter it loads into a text encoder (a few KiB, no
+    time): off while diffusers loads, as before."""
+    from transformers.utils import logging as transformers_logging
+
+    enabled = transformers_logging.is_progress_bar_enabled()
+    transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            transformers_logging.enable_progress_bar()
 
 
 def _graph_name(name: str, inputs: dict[str, Any]) -> str | None:
