@@ -8,7 +8,7 @@ Layout of an exported folder::
     <component>/compiled/       an AOTInductor package, stored unpacked: the shared library (code
                                 only) and, beside it, ``*_weights.blob`` with the frozen weights
 
-Format 2 stores the package unpacked so that a load opens the library and maps the weights in place;
+Format 2 stores the package unpacked so that a load opens the library and reads the weights in place;
 format 1 kept one ``model.pt2`` zip that every load extracted to a temporary folder (seconds per GB).
 The component block lists its compiled graphs (``graphs``) rather than holding one, so that a
 component can later carry several static shapes, and it states where weights live (``weights``).

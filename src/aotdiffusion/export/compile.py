@@ -70,7 +70,7 @@ class CompilerOptions:
         return {"freezing": self.freezing, "always_keep_tensor_constants": True}
 
     def package_configs(self) -> dict[str, Any]:
-        """How the package stores weights: outside the shared library, as one blob file AOTInductor maps at
+        """How the package stores weights: outside the shared library, as one blob file AOTInductor reads at
         load (artifact format 2). Packaging only: the generated kernels are the same."""
         return {
             "aot_inductor.package_constants_in_so": False,
@@ -151,7 +151,7 @@ def compile_component(
             with refit.recording() as recorder:
                 _compile(spec, options, program, package)
     if not reused:
-        # Stored unpacked: a load then opens the library and maps the weights where they lie.
+        # Stored unpacked: a load then opens the library and reads the weights where they lie.
         artifact.unpack_package(package, package_dir)
         package.unlink()
         blob = artifact.weights_file(folder)
