@@ -345,7 +345,7 @@ def _generate(args: argparse.Namespace) -> None:
     import diffusers
     import torch
 
-    from .export.lora import parse_lora
+    from .export.lora import load_loras, parse_lora
     from .pipelines.auto import FAMILIES, family_of, pipeline_class_for
     from .pipelines.base import _local_or_download
     from .pipelines.images import decode_image
@@ -366,11 +366,7 @@ def _generate(args: argparse.Namespace) -> None:
             raise ValueError(f"{exported_cls.__name__} exports do not take an input image (--image).")
     loras = [parse_lora(lora) for lora in args.lora]  # bad scales fail before anything loads
     pipe = cls.from_pretrained(folder, trust_remote_code=args.trust_remote_code)
-    if loras:
-        names = [f"lora_{i}" for i in range(len(loras))]
-        for name, (source, _) in zip(names, loras):
-            pipe.load_lora_weights(source, adapter_name=name)
-        pipe.set_adapters(names, adapter_weights=[scale for _, scale in loras])
+    load_loras(pipe, loras)  # applied to the compiled weights in place (pipelines/lora.py)
     if args.scheduler:
         scheduler_cls = getattr(diffusers, args.scheduler, None)
         if scheduler_cls is None or not hasattr(scheduler_cls, "from_config"):

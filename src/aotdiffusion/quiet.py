@@ -21,27 +21,27 @@ _NOTICES = {
     "torchao": ("Could not load this library",),
     "torch.utils._pytree": ("is an Enum subclass and is now natively supported by torch.compile",),
     "diffusers.quantizers.torchao.torchao_quantizer": ("Unable to import `torchao` Tensor objects",),
+    "transformers.integrations.peft": ("LOAD REPORT",),
 }
-# A notice dropped only when it holds none of these words.
-_UNLESS = {"transformers.integrations.peft": ("LOAD REPORT", ("UNEXPECTED", "MISMATCH", "CONVERSION"))}
+# Words that keep a logger's notice on the terminal: what a real problem would say.
+_KEPT_IF = {"transformers.integrations.peft": ("UNEXPECTED", "MISMATCH", "CONVERSION")}
 
 
 class _DropNotices(logging.Filter):
-    def __init__(self, notices: tuple[str, ...]):
+    def __init__(self, notices: tuple[str, ...], kept_if: tuple[str, ...] = ()):
         super().__init__()
         self.notices = notices
+        self.kept_if = kept_if
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
-        if record.name in _UNLESS:
-            notice, unless = _UNLESS[record.name]
-            return not (notice in message and not any(word in message for word in unless))
-        return not any(notice in message for notice in self.notices)
+        dropped = any(notice in message for notice in self.notices)
+        return not dropped or any(word in message for word in self.kept_if)
 
 
 def drop_irrelevant_notices() -> None:
     """Installs the filters on the loggers that emit them; call before importing diffusers."""
-    for name, notices in {**_NOTICES, **{name: () for name in _UNLESS}}.items():
+    for name, notices in _NOTICES.items():
         logger = logging.getLogger(name)
         if not any(isinstance(f, _DropNotices) for f in logger.filters):
-            logger.addFilter(_DropNotices(notices))
+            logger.addFilter(_DropNotices(notices, _KEPT_IF.get(name, ())))

@@ -33,11 +33,12 @@ def parse_lora(value: str | Path | tuple[str | Path, float]) -> tuple[str, float
     return str(source), float(scale)
 
 
-def fuse_loras(pipe: DiffusionPipeline, loras: list) -> None:
-    """Fuses every LoRA of ``loras`` (see :func:`parse_lora`) into ``pipe``'s weights, each at its scale."""
+def load_loras(pipe: DiffusionPipeline, loras: list) -> tuple[list[str], list[tuple[str, float]]]:
+    """Loads every LoRA of ``loras`` (see :func:`parse_lora`) into ``pipe`` as the adapters ``lora_0``, ``lora_1``...
+    and weights each at its scale (``set_adapters``); returns the adapter names and the (source, scale) pairs."""
     parsed = [parse_lora(lora) for lora in loras]
     if not parsed:
-        return
+        return [], []
     if not hasattr(pipe, "load_lora_weights"):
         raise ValueError(f"{type(pipe).__name__} takes no LoRA adapters (diffusers has no LoRA loader for it).")
     names = []
@@ -49,6 +50,14 @@ def fuse_loras(pipe: DiffusionPipeline, loras: list) -> None:
             raise ValueError(f"Could not load the LoRA {source}: {error}") from error
         names.append(name)
     pipe.set_adapters(names, adapter_weights=[scale for _, scale in parsed])
+    return names, parsed
+
+
+def fuse_loras(pipe: DiffusionPipeline, loras: list) -> None:
+    """Fuses every LoRA of ``loras`` (see :func:`parse_lora`) into ``pipe``'s weights, each at its scale."""
+    names, parsed = load_loras(pipe, loras)
+    if not names:
+        return
     pipe.fuse_lora(adapter_names=names, lora_scale=1.0)
     pipe.unload_lora_weights()
     setattr(pipe, FUSED_ATTRIBUTE, [{"source": source, "scale": scale} for source, scale in parsed])

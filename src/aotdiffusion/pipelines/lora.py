@@ -163,14 +163,15 @@ class CompiledLoras:
 
 
 def _program(graph: CompiledComponent) -> tuple[dict, dict]:
-    record = graph.manifest.get("refit") or {}
+    package = graph.folder / artifact.PACKAGE_DIR
+    record = graph.manifest.get("refit") or refit.summary(package)  # as --reuse-compiled reads it
     if not record.get("available"):
         raise refit.RefitError(
-            f"{graph.folder} has no refit program ({record.get('reason', 'exported before refit programs')}), so a "
+            f"{graph.folder} has no refit program ({record.get('reason')}), so a "
             "LoRA cannot change its weights in place. Fuse it at export instead: aotdiffusion export --model MODEL "
             "--lora LORA[:SCALE] OUT, with this export's options."
         )
-    return refit.read_program(graph.folder / artifact.PACKAGE_DIR)
+    return refit.read_program(package)
 
 
 @contextmanager
