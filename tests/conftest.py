@@ -186,6 +186,28 @@ def sd_inpaint_export(tiny, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def sd_pix2pix_export(tiny, tmp_path_factory) -> Path:
+    """InstructPix2Pix, found from model_index.json (--task auto): a UNet of 8 channels, guidance batch 3."""
+    out = tmp_path_factory.mktemp("exports") / "sd-pix2pix"
+    # optimum-neuron's --dynamic-batch-size is accepted with a note (every export chunks calls already).
+    result = cli("export", "--model", str(tiny("sd-instruct-pix2pix")), "--height", "64", "--width", "64",
+                 "--auto-cast", "none", "--dynamic-batch-size", str(out))  # fmt: skip
+    assert "Note: --dynamic-batch-size changes nothing here" in result.stdout
+    return out
+
+
+@pytest.fixture(scope="session")
+def sdxl_pix2pix_export(tiny, tmp_path_factory) -> Path:
+    from aotdiffusion import AOTStableDiffusionXLInstructPix2PixPipeline
+
+    out = tmp_path_factory.mktemp("exports") / "sdxl-pix2pix"
+    AOTStableDiffusionXLInstructPix2PixPipeline.export(
+        tiny("sdxl-instruct-pix2pix"), out, height=64, width=64, auto_cast="none"
+    )
+    return out
+
+
+@pytest.fixture(scope="session")
 def sdxl_export(tiny, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("exports") / "sdxl"
     cli("export", "--model", str(tiny("sdxl")), "--task", "stable-diffusion-xl", "--height", "64", "--width", "64",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import time
@@ -14,8 +15,10 @@ from diffusers import (
     LCMScheduler,
     StableDiffusionImg2ImgPipeline,
     StableDiffusionInpaintPipeline,
+    StableDiffusionInstructPix2PixPipeline,
     StableDiffusionXLImg2ImgPipeline,
     StableDiffusionXLInpaintPipeline,
+    StableDiffusionXLInstructPix2PixPipeline,
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
@@ -26,8 +29,10 @@ from aotdiffusion import (
     AOTLatentConsistencyModelPipeline,
     AOTStableDiffusionImg2ImgPipeline,
     AOTStableDiffusionInpaintPipeline,
+    AOTStableDiffusionInstructPix2PixPipeline,
     AOTStableDiffusionXLImg2ImgPipeline,
     AOTStableDiffusionXLInpaintPipeline,
+    AOTStableDiffusionXLInstructPix2PixPipeline,
     AOTStableDiffusionXLPipeline,
 )
 
@@ -241,3 +246,49 @@ def test_split_guidance_batch_runs_the_halves_and_matches_eager(sd_split_guidanc
 def test_unet_data_parallel_needs_a_split_export(sd_fp32):
     with pytest.raises(ValueError, match=r"compiled for the whole guidance batch \(2\).*--split-guidance-batch"):
         load(AOTDiffusionPipeline, sd_fp32, data_parallel_mode="unet")
+
+
+def test_instruct_pix2pix_matches_eager(sd_pix2pix_export, tiny, tmp_path):
+    pipe = AOTDiffusionPipeline.from_pretrained(sd_pix2pix_export)  # the class found at export and at load
+    pipe.set_progress_bar_config(disable=True)
+    assert isinstance(pipe, AOTStableDiffusionInstructPix2PixPipeline)
+    assert pipe.unet.batch_size == 3  # text and image guidance, image guidance only, neither
+    reference = eager("sd-instruct-pix2pix", tiny)
+    assert isinstance(reference, StableDiffusionInstructPix2PixPipeline)
+    for call in ({}, {"image_guidance_scale": 1.2, "guidance_scale": 5.0, "negative_prompt": "blurry"}):
+        close(run_pipe(pipe, image=picture(), **call), run_pipe(reference, image=picture(), **call))
+    # Two prompts, two images: chunks of the compiled batch, each image with its prompt.
+    two = {"prompt": ["make it winter", "make it night"], "image": [picture(seed=1), picture(seed=2)]}
+    gens = lambda: [torch.Generator().manual_seed(s) for s in (0, 1)]  # noqa: E731
+    close(
+        pipe(**two, generator=gens(), num_inference_steps=3, output_type="np").images,
+        reference(**two, generator=gens(), num_inference_steps=3, output_type="np").images,
+    )
+    with pytest.raises(ValueError, match=r"image_guidance_scale=0.5 turns classifier-free guidance off.*>= 1"):
+        run_pipe(pipe, image=picture(), image_guidance_scale=0.5)
+    picture().save(tmp_path / "in.png")
+    out = tmp_path / "out"
+    cli("generate", str(sd_pix2pix_export), "make it winter", "--image", str(tmp_path / "in.png"), "--steps", "4",
+        "--image-guidance-scale", "1.2", "--output", str(out))  # fmt: skip
+    expected = reference(
+        "make it winter", image=picture(), num_inference_steps=4, image_guidance_scale=1.2,
+        generator=torch.Generator().manual_seed(0),
+    ).images[0]  # fmt: skip
+    png = np.asarray(Image.open(out / "seed0-0.png"), dtype=np.int16)
+    assert np.abs(png - np.asarray(expected, dtype=np.int16)).max() <= 1  # 8-bit rounding of fp32 sums
+    refusals = [
+        ([], "edits an input image as the prompt says.*pass --image"),
+        (["--image", str(tmp_path / "in.png"), "--strength", "0.5"], "has no --strength"),
+    ]
+    for flags, message in refusals:
+        refused = cli("generate", str(sd_pix2pix_export), "make it winter", *flags, check=False)
+        assert refused.returncode != 0 and re.search(message, refused.stderr), refused.stderr
+
+
+def test_sdxl_instruct_pix2pix_matches_eager(sdxl_pix2pix_export, tiny):
+    pipe = load(AOTStableDiffusionXLInstructPix2PixPipeline, sdxl_pix2pix_export)
+    assert pipe.unet.batch_size == 3
+    reference = eager("sdxl-instruct-pix2pix", tiny)
+    assert isinstance(reference, StableDiffusionXLInstructPix2PixPipeline)
+    call = {"image": picture(), "image_guidance_scale": 1.3}
+    close(run_pipe(pipe, **call), run_pipe(reference, **call))

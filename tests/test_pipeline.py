@@ -80,8 +80,6 @@ def test_guidance_mismatch_is_an_error(sd_fp32, sd_no_guidance, load):
         ({"height": 128}, r"compiled for 64x64 .* height=128, width=64.*--height 128 --width 64"),
         ({"width": 32}, r"compiled for 64x64 .*--height 64 --width 32"),
         ({"num_images_per_prompt": 2}, r"num_images_per_prompt=1 .* with num_images_per_prompt=2.*"),
-        ({"prompt": [PROMPT, PROMPT]}, r"batch_size=1 prompt\(s\) per call but was called with 2.*--batch-size 2"),
-        ({"prompt": None, "prompt_embeds": torch.zeros(3, 77, 32)}, r"called with 3"),
     ],
 )
 def test_static_shape_mismatch_is_an_error(sd_fp32, load, call, message):

@@ -12,7 +12,10 @@ from pathlib import Path
 from .bench.variants import DEFAULT_VARIANTS, VARIANTS
 from .export.staging import DiskFullError
 
-TASKS = ["auto", "stable-diffusion", "stable-diffusion-xl", "latent-consistency"]
+TASKS = [
+    "auto", "stable-diffusion", "stable-diffusion-xl", "latent-consistency", "instruct-pix2pix",
+    "stable-diffusion-xl-instruct-pix2pix",
+]  # fmt: skip
 
 
 def _flag(parser: argparse.ArgumentParser, name: str, **kwargs) -> None:
@@ -92,6 +95,13 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="compile the UNet for half the guidance batch (for data_parallel_mode='unet')",
     )
+    _flag(
+        export,
+        "dynamic-batch-size",
+        action="store_true",
+        help="optimum-neuron's flag, accepted: every export runs calls of any number of prompts in chunks of "
+        "--batch-size (nothing to switch on)",
+    )
     _flag(export, "device", default="cpu", help="cpu or cuda (default cpu)")
     _flag(export, "disable-validation", action="store_true", help="skip comparing each component with eager PyTorch")
     _flag(export, "no-vae-encoder", action="store_true", help="leave out the VAE encoder (text-to-image only)")
@@ -148,8 +158,14 @@ def _parser() -> argparse.ArgumentParser:
 
     generate = commands.add_parser("generate", help="generate images with an exported pipeline")
     generate.add_argument("model", help="exported folder or hub repository")
-    generate.add_argument("prompt", nargs="?", help="the prompt (or --prompts FILE with --ray)")
-    _flag(generate, "prompts", type=Path, help="a file of prompts, one per line (or JSONL): offline batch generation")
+    generate.add_argument("prompt", nargs="?", help="the prompt (or --prompts FILE)")
+    _flag(
+        generate,
+        "prompts",
+        type=Path,
+        help="a file of prompts, one per line (or JSONL): offline batch generation, here (one compiled batch after "
+        "another) or with --ray on Ray Data",
+    )
     _flag(generate, "replicas", type=int, default=1, help="with --ray: pipeline actors (default 1)")
     _ray_flags(generate, "run --prompts on Ray Data over an actor pool of compiled pipelines")
     _flag(generate, "negative-prompt")
@@ -161,6 +177,12 @@ def _parser() -> argparse.ArgumentParser:
     _flag(generate, "image", type=Path, help="input image: image-to-image, or inpainting with --mask-image")
     _flag(generate, "mask-image", type=Path, help="inpainting mask (white = repaint), same size as --image")
     _flag(generate, "strength", type=float, help="how much of --image to repaint, 0-1 (diffusers' default)")
+    _flag(
+        generate,
+        "image-guidance-scale",
+        type=float,
+        help="InstructPix2Pix: how closely the edit keeps --image (default: diffusers' 1.5; >= 1 with guidance)",
+    )
     _flag(generate, "resize", action="store_true", help="resize --image/--mask-image to the compiled size")
     _flag(
         generate,
@@ -215,7 +237,19 @@ def _parser() -> argparse.ArgumentParser:
     )
 
     tiny = commands.add_parser("tiny", help="write a tiny random-weight diffusers pipeline (no network)")
-    tiny.add_argument("kind", choices=["sd", "sd-inpaint", "lcm", "sdxl", "sdxl-refiner", "lcm-sdxl"])
+    tiny.add_argument(
+        "kind",
+        choices=[
+            "sd",
+            "sd-inpaint",
+            "sd-instruct-pix2pix",
+            "lcm",
+            "sdxl",
+            "sdxl-refiner",
+            "lcm-sdxl",
+            "sdxl-instruct-pix2pix",
+        ],
+    )
     tiny.add_argument("output", type=Path)
     tiny.add_argument(
         "--full-size",
@@ -299,6 +333,12 @@ _COMPILED_FLAGS = (
 
 def _export(args: argparse.Namespace) -> None:
     hub = {"revision": args.revision} if args.revision else {}
+    if args.dynamic_batch_size:
+        print(
+            f"Note: --dynamic-batch-size changes nothing here: a call with any number of prompts runs in chunks of the "
+            f"compiled batch (--batch-size {args.batch_size}), the last one padded.",
+            flush=True,
+        )
     start = time.perf_counter()
     common = {"lora": args.lora, "validate": not args.disable_validation, "overwrite": args.overwrite, **hub}
     if args.reuse_compiled is not None:
@@ -346,20 +386,25 @@ def _generate(args: argparse.Namespace) -> None:
     import torch
 
     from .export.lora import load_loras, parse_lora
-    from .pipelines.auto import FAMILIES, family_of, pipeline_class_for
+    from .pipelines.auto import EDITING, FAMILIES, family_of, pipeline_class_for
     from .pipelines.base import _local_or_download
     from .pipelines.images import decode_image
 
     if args.prompts is not None:
         return _generate_prompts(args)
     if args.prompt is None:
-        raise ValueError("Give a prompt, or --prompts FILE --ray for a file of them.")
+        raise ValueError("Give a prompt, or --prompts FILE for a file of them.")
     folder = _local_or_download(args.model, {}, args.trust_remote_code)
     exported_cls = pipeline_class_for(folder, exported=True)
     cls = exported_cls
     if args.mask_image is not None and args.image is None:
         raise ValueError("--mask-image needs --image: inpainting repaints the masked part of an image.")
-    if args.image is not None:
+    editing = family_of(exported_cls) in EDITING
+    if editing:
+        _check_editing_flags(args, exported_cls)
+    elif args.image_guidance_scale is not None:
+        raise ValueError("--image-guidance-scale is InstructPix2Pix's; this export is a " + exported_cls.__name__ + ".")
+    if args.image is not None and not editing:
         task = family_of(exported_cls)
         cls = FAMILIES[task][2 if args.mask_image is not None else 1] or exported_cls
         if cls is exported_cls and exported_cls is FAMILIES[task][0]:
@@ -390,6 +435,8 @@ def _generate(args: argparse.Namespace) -> None:
         call["mask_image"] = decode_image(args.mask_image.read_bytes(), "--mask-image")
     if args.strength is not None:
         call["strength"] = args.strength
+    if args.image_guidance_scale is not None:
+        call["image_guidance_scale"] = args.image_guidance_scale
     prompts = [args.prompt] * shapes.batch_size
     if args.negative_prompt:
         call["negative_prompt"] = [args.negative_prompt] * len(prompts)
@@ -405,6 +452,19 @@ def _generate(args: argparse.Namespace) -> None:
     print(f"{len(paths)} image(s) in {elapsed:.1f}s:")
     for path in paths:
         print(f"  {path}")
+
+
+def _check_editing_flags(args: argparse.Namespace, exported_cls: type) -> None:
+    """InstructPix2Pix edits a whole input image as the prompt says: it needs --image, takes no mask or strength."""
+    name = exported_cls.__name__
+    if args.image is None:
+        raise ValueError(f"{name} edits an input image as the prompt says (e.g. 'make it winter'): pass --image.")
+    if args.mask_image is not None:
+        raise ValueError(f"{name} edits the whole image and takes no --mask-image.")
+    if args.strength is not None:
+        raise ValueError(
+            f"{name} has no --strength; --image-guidance-scale (default 1.5) says how closely to keep the image."
+        )
 
 
 def _serve(args: argparse.Namespace) -> None:
@@ -471,12 +531,12 @@ def _serve_on_ray(args: argparse.Namespace) -> None:
 
 
 def _generate_prompts(args: argparse.Namespace) -> None:
-    if not args.ray:
-        raise ValueError("--prompts runs offline batch generation on Ray Data: add --ray (and --replicas N).")
     if args.prompt is not None:
         raise ValueError("Give either a prompt or --prompts FILE, not both.")
     if args.replicas < 1:
         raise ValueError(f"--replicas must be at least 1, got {args.replicas}.")
+    if not args.ray:
+        return _generate_prompts_here(args)
     if args.lora:
         raise ValueError(
             "--lora with --prompts --ray is not supported: write an export with the LoRA fused "
@@ -498,6 +558,30 @@ def _generate_prompts(args: argparse.Namespace) -> None:
         steps=args.steps,
         guidance_scale=args.guidance_scale,
         trust_remote_code=args.trust_remote_code,
+    )
+    count = sum(1 for _ in records.open())
+    print(f"{count} image(s) in {time.perf_counter() - start:.1f}s; prompts, seeds and paths in {records}")
+
+
+def _generate_prompts_here(args: argparse.Namespace) -> None:
+    from .export.lora import parse_lora
+    from .serve import offline
+
+    if args.replicas != 1:
+        raise ValueError(f"--replicas {args.replicas} runs pipeline actors on Ray: add --ray, or leave it out.")
+    loras = [parse_lora(lora) for lora in args.lora]  # bad scales fail before anything loads
+    start = time.perf_counter()
+    records = offline.generate_here(
+        args.model,
+        args.prompts,
+        args.output,
+        seed=args.seed,
+        negative_prompt=args.negative_prompt,
+        steps=args.steps,
+        guidance_scale=args.guidance_scale,
+        trust_remote_code=args.trust_remote_code,
+        loras=loras,
+        progress=lambda done, total: print(f"{done}/{total} prompts", flush=True),
     )
     count = sum(1 for _ in records.open())
     print(f"{count} image(s) in {time.perf_counter() - start:.1f}s; prompts, seeds and paths in {records}")

@@ -180,6 +180,30 @@ def tiny_stable_diffusion_inpaint(seed: int = 0):
     return StableDiffusionInpaintPipeline(**_sd_parts(seed, _tiny_unet(seed, in_channels=9)))
 
 
+def tiny_stable_diffusion_instruct_pix2pix(seed: int = 0):
+    """InstructPix2Pix: the UNet takes 8 channels (latents and the input image's latents)."""
+    from diffusers import StableDiffusionInstructPix2PixPipeline
+
+    return StableDiffusionInstructPix2PixPipeline(**_sd_parts(seed, _tiny_unet(seed, in_channels=8)))
+
+
+def tiny_stable_diffusion_xl_instruct_pix2pix(seed: int = 0):
+    """SDXL InstructPix2Pix: SDXL base's parts, the UNet taking 8 channels."""
+    from diffusers import StableDiffusionXLInstructPix2PixPipeline
+
+    tokenizer = tiny_clip_tokenizer()
+    return StableDiffusionXLInstructPix2PixPipeline(
+        vae=_tiny_vae(seed, force_upcast=True, scaling_factor=0.13025),
+        text_encoder=_tiny_text_encoder(seed, tokenizer),
+        text_encoder_2=_tiny_text_encoder(seed + 1, tokenizer, with_projection=True),
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer,
+        unet=_tiny_sdxl_unet(seed, text_embeds_dim=32, time_ids=6, in_channels=8),
+        scheduler=_sdxl_scheduler(),
+        add_watermarker=False,
+    )
+
+
 def tiny_latent_consistency(seed: int = 0):
     """LCM distilled from SD: the UNet embeds the guidance scale (`time_cond_proj_dim`), LCMScheduler."""
     from diffusers import LatentConsistencyModelPipeline, LCMScheduler
@@ -381,6 +405,8 @@ def full_size_stable_diffusion_xl(seed: int = 0):
 TINY_MODELS = {
     "sd": tiny_stable_diffusion,
     "sd-inpaint": tiny_stable_diffusion_inpaint,
+    "sd-instruct-pix2pix": tiny_stable_diffusion_instruct_pix2pix,
+    "sdxl-instruct-pix2pix": tiny_stable_diffusion_xl_instruct_pix2pix,
     "lcm": tiny_latent_consistency,
     "sdxl": tiny_stable_diffusion_xl,
     "sdxl-refiner": tiny_stable_diffusion_xl_refiner,

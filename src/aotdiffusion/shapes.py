@@ -24,10 +24,20 @@ class PipelineShapes:
     # one after the other, or side by side on two replicas (data_parallel_mode="unet").
     split_guidance_batch: bool = False
     sequence_length: int = 77
+    # Copies of the latents in the guidance batch: 2 (negative, positive); InstructPix2Pix guides by the text
+    # and by the input image, and runs 3 (text and image, image only, neither).
+    guidance_copies: int = 2
 
     def __post_init__(self) -> None:
         if self.split_guidance_batch and not self.classifier_free_guidance:
             raise ValueError("`split_guidance_batch` splits the guidance batch; it needs classifier-free guidance on.")
+        if self.guidance_copies not in (2, 3):
+            raise ValueError(
+                f"`guidance_copies` is 2 (classifier-free guidance) or 3 (InstructPix2Pix), got "
+                f"{self.guidance_copies!r}."
+            )
+        if self.split_guidance_batch and self.guidance_copies != 2:
+            raise ValueError("`split_guidance_batch` splits a guidance batch of two halves; this model's has three.")
         for name in ("batch_size", "num_images_per_prompt", "height", "width", "sequence_length"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
@@ -54,7 +64,7 @@ class PipelineShapes:
     @property
     def unet_batch(self) -> int:
         doubled = self.classifier_free_guidance and not self.split_guidance_batch
-        return self.images * (2 if doubled else 1)
+        return self.images * (self.guidance_copies if doubled else 1)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -154,6 +154,7 @@ def unet_spec(
             "sequence_length": shapes.sequence_length,
             "classifier_free_guidance": shapes.classifier_free_guidance,
             "split_guidance_batch": shapes.split_guidance_batch,
+            "guidance_copies": shapes.guidance_copies,
             # SDXL's pipeline checks its time ids against the UNet's add_embedding width.
             "add_embedding_in_features": unet.add_embedding.linear_1.in_features if text_embeds_dim else None,
         },

@@ -50,6 +50,10 @@ class ComponentResult:
     validation: ValidationReport | None
 
 
+# diffusers pipelines whose guidance batch holds three copies of the latents (text and image guidance).
+THREE_WAY_GUIDANCE = ("StableDiffusionInstructPix2PixPipeline", "StableDiffusionXLInstructPix2PixPipeline")
+
+
 def default_shapes(pipe: DiffusionPipeline, **requested: Any) -> PipelineShapes:
     """Fills what the user left out from the model itself, the way diffusers' ``__call__`` does."""
     unet = pipe.unet
@@ -66,6 +70,8 @@ def default_shapes(pipe: DiffusionPipeline, **requested: Any) -> PipelineShapes:
             "a guidance batch: export it without --classifier-free-guidance."
         )
     requested.setdefault("classifier_free_guidance", not is_lcm)
+    if type(pipe).__name__ in THREE_WAY_GUIDANCE:
+        requested["guidance_copies"] = 3
     tokenizer = getattr(pipe, "tokenizer", None) or getattr(pipe, "tokenizer_2", None)
     requested.setdefault("sequence_length", tokenizer.model_max_length)
     shapes = PipelineShapes(**requested)
@@ -168,6 +174,11 @@ def export_pipeline(
     # Flushed: the progress of a many-minute export must show when stdout is a log file too.
     log = log or partial(print, flush=True)
     output = Path(output_dir)
+    if not vae_encoder and type(pipe).__name__ in THREE_WAY_GUIDANCE:
+        raise ValueError(
+            f"{type(pipe).__name__} encodes the image it edits with the VAE encoder: export it without "
+            "--no-vae-encoder."
+        )
     if compile_fn is compile_component and not compile_cache:
         compile_fn = partial(compile_component, cache=False)
     with staging.staged(output, overwrite=overwrite) as folder:

@@ -119,6 +119,8 @@ def record_unet_inputs(
             mask = np.zeros((shapes.height, shapes.width), dtype=np.uint8)
             mask[:, shapes.width // 2 :] = 255
             extra["mask_image"] = Image.fromarray(mask)
+    if "height" in parameters:  # InstructPix2Pix has none: its size is its image's
+        extra.update(height=shapes.height, width=shapes.width)
     # Guidance on or off exactly as compiled: a scale above 1 doubles the UNet batch.
     guidance = 7.5 if shapes.classifier_free_guidance else 1.0
     handle = pipe.unet.register_forward_pre_hook(record, with_kwargs=True)
@@ -130,8 +132,6 @@ def record_unet_inputs(
                 pipe(
                     prompt=chunk,
                     num_images_per_prompt=shapes.num_images_per_prompt,
-                    height=shapes.height,
-                    width=shapes.width,
                     num_inference_steps=steps,
                     guidance_scale=guidance,
                     generator=torch.Generator().manual_seed(start),

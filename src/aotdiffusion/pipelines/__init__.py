@@ -3,11 +3,13 @@ from .latent_consistency import AOTLatentConsistencyModelPipeline
 from .stable_diffusion import (
     AOTStableDiffusionImg2ImgPipeline,
     AOTStableDiffusionInpaintPipeline,
+    AOTStableDiffusionInstructPix2PixPipeline,
     AOTStableDiffusionPipeline,
 )
 from .stable_diffusion_xl import (
     AOTStableDiffusionXLImg2ImgPipeline,
     AOTStableDiffusionXLInpaintPipeline,
+    AOTStableDiffusionXLInstructPix2PixPipeline,
     AOTStableDiffusionXLPipeline,
 )
 
@@ -17,7 +19,9 @@ __all__ = [
     "AOTStableDiffusionPipeline",
     "AOTStableDiffusionImg2ImgPipeline",
     "AOTStableDiffusionInpaintPipeline",
+    "AOTStableDiffusionInstructPix2PixPipeline",
     "AOTStableDiffusionXLPipeline",
     "AOTStableDiffusionXLImg2ImgPipeline",
     "AOTStableDiffusionXLInpaintPipeline",
+    "AOTStableDiffusionXLInstructPix2PixPipeline",
 ]

@@ -10,11 +10,13 @@ from .latent_consistency import AOTLatentConsistencyModelPipeline
 from .stable_diffusion import (
     AOTStableDiffusionImg2ImgPipeline,
     AOTStableDiffusionInpaintPipeline,
+    AOTStableDiffusionInstructPix2PixPipeline,
     AOTStableDiffusionPipeline,
 )
 from .stable_diffusion_xl import (
     AOTStableDiffusionXLImg2ImgPipeline,
     AOTStableDiffusionXLInpaintPipeline,
+    AOTStableDiffusionXLInstructPix2PixPipeline,
     AOTStableDiffusionXLPipeline,
 )
 
@@ -28,6 +30,8 @@ PIPELINES = {
         AOTStableDiffusionXLImg2ImgPipeline,
         AOTStableDiffusionXLInpaintPipeline,
         AOTLatentConsistencyModelPipeline,
+        AOTStableDiffusionInstructPix2PixPipeline,
+        AOTStableDiffusionXLInstructPix2PixPipeline,
     )
 }
 # The diffusers class a model's model_index.json names -> the compiled class that exports it.
@@ -45,7 +49,11 @@ FAMILIES: dict[str, tuple[type, type | None, type | None]] = {
         AOTStableDiffusionXLInpaintPipeline,
     ),
     "latent-consistency": (AOTLatentConsistencyModelPipeline, None, None),
+    # Instruction editing: the input image is what the prompt edits, so image-to-image is all they do.
+    "instruct-pix2pix": (AOTStableDiffusionInstructPix2PixPipeline, None, None),
+    "stable-diffusion-xl-instruct-pix2pix": (AOTStableDiffusionXLInstructPix2PixPipeline, None, None),
 }
+EDITING = ("instruct-pix2pix", "stable-diffusion-xl-instruct-pix2pix")
 
 
 def family_of(pipeline_cls: type) -> str:
@@ -105,9 +113,13 @@ def task_classes(exported_cls: type, *, unet_in_channels: int, vae_encoder: bool
 
     A text-to-image (or image-to-image) export with the VAE encoder also does image-to-image and
     inpainting (diffusers' inpainting pipeline blends latents for a 4-channel UNet); a 9-channel
-    inpainting UNet only inpaints; without the encoder only text-to-image is possible.
+    inpainting UNet only inpaints; without the encoder only text-to-image is possible. InstructPix2Pix
+    edits an input image: image-to-image.
     """
-    text, image, inpaint = FAMILIES[family_of(exported_cls)]
+    family = family_of(exported_cls)
+    if family in EDITING:
+        return {IMAGE_TO_IMAGE: exported_cls}
+    text, image, inpaint = FAMILIES[family]
     if unet_in_channels != 4:
         return {INPAINTING: exported_cls}
     tasks = {TEXT_TO_IMAGE: text}

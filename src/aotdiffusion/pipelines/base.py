@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import logging
 import math
 import numbers
 import shutil
@@ -30,8 +31,11 @@ from ..runtime import trusted
 from ..runtime.compiled import CompiledComponent
 from ..runtime.components import AOTAutoencoderKL, AOTTextEncoder, AOTUNet
 from ..shapes import PipelineShapes
+from .batches import chunk_call, combine_outputs, prompt_count
 from .images import conform_images
 from .lora import CHANGING_METHODS, CompiledLoras, lora_method
+
+logger = logging.getLogger(__name__)
 
 # export() arguments that a reused export takes from the export whose code it reuses.
 REUSED_ARGUMENTS = (
@@ -413,14 +417,18 @@ class AOTPipelineMixin:
         return self
 
     def _call_replicas(self, call: dict[str, Any], extra: dict[str, Any]):
-        from .data_parallel import combine_outputs, split_call
+        from .data_parallel import split_call
 
-        requests = split_call(call, extra, self.static_shapes, self.scheduler)
-        return combine_outputs(self._replicas.map(requests), call.get("return_dict", True))
+        requests, images = split_call(call, extra, self.static_shapes, self.scheduler)
+        return combine_outputs(self._replicas.map(requests), call.get("return_dict", True), images)
 
     # ----------------------------------------------------------------------------------- calling
     def __call__(self, *args: Any, resize_images: bool = False, cache_interval: int = 1, **kwargs: Any):
         """diffusers' ``__call__``, after checking the call against the compiled shapes.
+
+        Any number of prompts: more or fewer than the compiled batch run as calls of it, the last padded, the
+        padding's images dropped (batches.py; a list of generators, one per image, makes each image what its
+        prompt alone gives).
 
         ``resize_images=True`` resizes an ``image``/``mask_image`` of another size to the compiled
         size; without it such an image is an error, never silently resized.
@@ -444,8 +452,20 @@ class AOTPipelineMixin:
                 return self._call_replicas(call, extra)
             self.check_call(call)
             conform_images(call, self.static_shapes, self.vae_scale_factor, resize=resize_images)
-            with self.unet.step_cache(cache_interval):
-                return super().__call__(**call, **extra)
+            shapes = self.static_shapes
+            chunks = chunk_call(call, shapes.batch_size, shapes.num_images_per_prompt)
+            if chunks.whole:
+                with self.unet.step_cache(cache_interval):
+                    return super().__call__(**call, **extra)
+            logger.info(
+                "Compiled for %d prompt(s) per call: running %d, as %d call(s), the padding's images dropped.",
+                shapes.batch_size, prompt_count(call), len(chunks.calls),
+            )  # fmt: skip
+            outputs = []
+            for part in chunks.calls:
+                with self.unet.step_cache(cache_interval):  # each call starts with a full UNet step
+                    outputs.append(super().__call__(**part, **extra))
+            return combine_outputs(outputs, call.get("return_dict", True), chunks.images)
 
     def _check_steps(self, call: dict[str, Any]) -> None:
         """A step count the scheduler cannot run is a ValueError before anything runs.
@@ -500,27 +520,27 @@ class AOTPipelineMixin:
                 f"with num_images_per_prompt={nipp}. Call it with num_images_per_prompt="
                 f"{shapes.num_images_per_prompt}, or export again with --num-images-per-prompt {nipp}."
             )
-        batch = _prompt_batch(call)
-        if batch is not None and batch != shapes.batch_size:
-            raise ValueError(
-                f"This pipeline was compiled for batch_size={shapes.batch_size} prompt(s) per call but was called "
-                f"with {batch}. Pass {shapes.batch_size} prompt(s), or export again with --batch-size {batch}."
-            )
         scale = call.get("guidance_scale")
-        if scale is not None:
-            wants_guidance = scale > 1 and self.unet.config.time_cond_proj_dim is None
-            if wants_guidance and not shapes.classifier_free_guidance:
-                raise ValueError(
-                    f"guidance_scale={scale} asks for classifier-free guidance, but the UNet was compiled without the "
-                    f"guidance batch (batch {self.unet.batch_size}). Call with guidance_scale=0.0 (or <= 1), or export "
-                    "again without --no-classifier-free-guidance."
-                )
-            if not wants_guidance and shapes.classifier_free_guidance:
-                raise ValueError(
-                    f"guidance_scale={scale} turns classifier-free guidance off, but the UNet was compiled for the "
-                    f"guidance batch (batch {self.unet.batch_size}). Call with guidance_scale > 1, or export again "
-                    "with --no-classifier-free-guidance."
-                )
+        if scale is None:
+            return
+        image_scale = call.get("image_guidance_scale")  # InstructPix2Pix: guidance needs it >= 1 too
+        wants_guidance = scale > 1 and self.unet.config.time_cond_proj_dim is None
+        asked = f"guidance_scale={scale}"
+        if image_scale is not None:
+            wants_guidance = wants_guidance and image_scale >= 1
+            asked += f", image_guidance_scale={image_scale}"
+        on = "guidance_scale > 1" + (" and image_guidance_scale >= 1" if image_scale is not None else "")
+        if wants_guidance and not shapes.classifier_free_guidance:
+            raise ValueError(
+                f"{asked} asks for classifier-free guidance, but the UNet was compiled without the guidance batch "
+                f"(batch {self.unet.batch_size}). Call with guidance_scale=0.0 (or <= 1), or export again without "
+                "--no-classifier-free-guidance."
+            )
+        if not wants_guidance and shapes.classifier_free_guidance:
+            raise ValueError(
+                f"{asked} turns classifier-free guidance off, but the UNet was compiled for the guidance batch (batch "
+                f"{self.unet.batch_size}). Call with {on}, or export again with --no-classifier-free-guidance."
+            )
 
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
@@ -552,16 +572,6 @@ def _check_arguments(call: dict[str, Any]) -> None:
             continue
         if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
             raise ValueError(f"`{name}` must be a finite number, got {value!r}.")
-
-
-def _prompt_batch(call: dict[str, Any]) -> int | None:
-    prompt = call.get("prompt")
-    if isinstance(prompt, str):
-        return 1
-    if isinstance(prompt, list):
-        return len(prompt)
-    embeds = call.get("prompt_embeds")
-    return embeds.shape[0] if embeds is not None else None
 
 
 def _local_or_download(model: str | Path, hub_kwargs: dict[str, Any], trust_remote_code: bool = False) -> Path:

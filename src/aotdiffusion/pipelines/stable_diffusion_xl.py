@@ -1,4 +1,4 @@
-"""Stable Diffusion XL (base, refiner, Turbo, LCM-SDXL): text-to-image, image-to-image, inpainting.
+"""Stable Diffusion XL (base, refiner, Turbo, LCM-SDXL): text-to-image, image-to-image, inpainting, InstructPix2Pix.
 
 SDXL Turbo is the text-to-image pipeline exported with ``--no-classifier-free-guidance`` and called with
 ``guidance_scale=0.0``; LCM-SDXL is the same pipeline exported with ``unet_id=`` an LCM UNet. The
@@ -7,7 +7,12 @@ refiner is an export whose only text encoder is ``text_encoder_2``, loaded by th
 
 from __future__ import annotations
 
-from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLInpaintPipeline, StableDiffusionXLPipeline
+from diffusers import (
+    StableDiffusionXLImg2ImgPipeline,
+    StableDiffusionXLInpaintPipeline,
+    StableDiffusionXLInstructPix2PixPipeline,
+    StableDiffusionXLPipeline,
+)
 
 from .base import AOTPipelineMixin
 
@@ -22,3 +27,9 @@ class AOTStableDiffusionXLImg2ImgPipeline(AOTPipelineMixin, StableDiffusionXLImg
 
 class AOTStableDiffusionXLInpaintPipeline(AOTPipelineMixin, StableDiffusionXLInpaintPipeline):
     diffusers_class = StableDiffusionXLInpaintPipeline
+
+
+class AOTStableDiffusionXLInstructPix2PixPipeline(AOTPipelineMixin, StableDiffusionXLInstructPix2PixPipeline):
+    """Edits ``image`` as the prompt says; the UNet is compiled for the three-way guidance batch it receives."""
+
+    diffusers_class = StableDiffusionXLInstructPix2PixPipeline

@@ -1,4 +1,5 @@
-"""Offline batch generation on Ray Data: a file of prompts through an actor pool of compiled pipelines.
+"""Offline batch generation: a file of prompts through an actor pool of compiled pipelines on Ray Data, or
+through one pipeline in this process (``generate --prompts`` without ``--ray``).
 
 Each actor holds one export (a :class:`~.runner.Runner`); Ray Data hands it ``batch_size`` prompts at
 a time, which it runs as one pipeline call (the last one padded), writes the PNGs itself and returns
@@ -8,6 +9,7 @@ one record per image. The driver writes the records as JSONL: prompt, negative p
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -103,15 +105,7 @@ def generate(
     """Generates an image per prompt (``images_per_prompt`` each) on the running Ray cluster; returns the JSONL."""
     import ray
 
-    info = ExportInfo.read(folder)
-    if TEXT_TO_IMAGE not in info.tasks:
-        raise ValueError(f"{folder} does not do text-to-image (it serves {', '.join(info.tasks)}).")
-    problem = info.guidance_problem(info.default_guidance_scale if guidance_scale is None else guidance_scale)
-    if problem is not None:
-        raise ValueError(problem)
-    rows = read_prompts(prompts, seed=seed, negative_prompt=negative_prompt)
-    output = Path(output)
-    output.mkdir(parents=True, exist_ok=True)
+    info, rows, output = _prepare(folder, prompts, output, seed, negative_prompt, guidance_scale)
     dataset = ray.data.from_items(rows).map_batches(
         GenerateImages,
         fn_constructor_kwargs={
@@ -126,10 +120,59 @@ def generate(
         num_cpus=num_cpus,
         num_gpus=num_gpus,
     )
-    records = sorted(dataset.take_all(), key=lambda r: (r["index"], r["path"]))
+    return _write_records(dataset.take_all(), output)
+
+
+def generate_here(
+    folder: str | Path,
+    prompts: str | Path,
+    output: str | Path,
+    *,
+    seed: int = 0,
+    negative_prompt: str | None = None,
+    steps: int | None = None,
+    guidance_scale: float | None = None,
+    trust_remote_code: bool = False,
+    loras: list | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> Path:
+    """:func:`generate` without Ray: the same calls, files and records, one compiled batch after another in this
+    process. ``loras`` (``(source, scale)`` pairs) are applied to the compiled weights first; ``progress(done,
+    total)`` is told after each call."""
+    info, rows, output = _prepare(folder, prompts, output, seed, negative_prompt, guidance_scale)
+    actor = GenerateImages(str(folder), str(output), steps, guidance_scale, trust_remote_code)
+    if loras:
+        from ..export.lora import load_loras
+
+        load_loras(actor.runner.pipelines[TEXT_TO_IMAGE], loras)
+    records = []
+    for start in range(0, len(rows), info.batch_size):
+        chunk = rows[start : start + info.batch_size]
+        columns = actor({name: np.array([row[name] for row in chunk]) for name in chunk[0]})
+        records.extend(dict(zip(columns, values)) for values in zip(*columns.values()))
+        if progress is not None:
+            progress(start + len(chunk), len(rows))
+    return _write_records(records, output)
+
+
+def _prepare(folder, prompts, output, seed, negative_prompt, guidance_scale) -> tuple[ExportInfo, list, Path]:
+    """What both ways check before anything runs: the export does text-to-image at that guidance; the prompts."""
+    info = ExportInfo.read(folder)
+    if TEXT_TO_IMAGE not in info.tasks:
+        raise ValueError(f"{folder} does not do text-to-image (it serves {', '.join(info.tasks)}).")
+    problem = info.guidance_problem(info.default_guidance_scale if guidance_scale is None else guidance_scale)
+    if problem is not None:
+        raise ValueError(problem)
+    rows = read_prompts(prompts, seed=seed, negative_prompt=negative_prompt)
+    output = Path(output)
+    output.mkdir(parents=True, exist_ok=True)
+    return info, rows, output
+
+
+def _write_records(records: list[dict[str, Any]], output: Path) -> Path:
     path = output / RECORDS_FILE
     with path.open("w", encoding="utf-8") as file:
-        for record in records:
+        for record in sorted(records, key=lambda r: (r["index"], r["path"])):
             fields = ("prompt", "negative_prompt", "seed", "path")
             file.write(json.dumps({name: _plain(record[name]) for name in fields}) + "\n")
     return path
