@@ -33,7 +33,7 @@ $(CHROMIUM):
 	$(SUDO) apt-get install -y -q chromium || ($(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q chromium)
 
 test: setup $(CHROMIUM)
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q --durations=40 tests
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q --durations=40 -n 2 --dist loadfile tests
 
 lint: setup
 	$(BIN)/ruff check src tests scripts

@@ -6,7 +6,9 @@ tests that must modify one work on a copy.
 
 from __future__ import annotations
 
+import functools
 import os
+import pickle
 import subprocess
 import sys
 from contextlib import contextmanager
@@ -15,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from filelock import FileLock
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # The sha256 record of verified files (checksums.py) goes to a folder of this run, not the user's cache.
@@ -64,6 +67,26 @@ def eager_sd(tiny_sd):
     return pipe
 
 
+def built_once(build):
+    """Session fixtures that export: under pytest-xdist (``-n 2``), the first worker to ask builds the export and
+    the others wait for it and take its result, so no export is compiled twice in a run."""
+
+    @functools.wraps(build)  # pytest reads the fixture's arguments through it
+    def fixture(**kwargs):
+        factory = kwargs["tmp_path_factory"]
+        root = factory.getbasetemp()
+        root = root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root  # the run's folder, all workers'
+        done = root / f"built-{build.__name__}.pickle"
+        with FileLock(str(root / f"built-{build.__name__}.lock")):
+            if done.exists():
+                return pickle.loads(done.read_bytes())
+            result = build(**kwargs)
+            done.write_bytes(pickle.dumps(result))
+            return result
+
+    return fixture
+
+
 def _export(tiny_sd: Path, folder: Path, **kwargs) -> Path:
     from aotdiffusion import AOTStableDiffusionPipeline
 
@@ -95,6 +118,7 @@ def int8_ranked_first():
 
 
 @pytest.fixture(scope="session")
+@built_once
 def sd_int8(tiny_sd, tmp_path_factory) -> Path:
     """--quantize int8 with step caching: both UNet graphs in int8, calibrated on the tiny pipeline's calls."""
     with int8_ranked_first():
@@ -105,12 +129,14 @@ def sd_int8(tiny_sd, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+@built_once
 def sd_fp32(tiny_sd, tmp_path_factory) -> Path:
     """Guidance batch on, everything fp32: must reproduce eager almost bit for bit."""
     return _export(tiny_sd, tmp_path_factory.mktemp("exports") / "sd-fp32", auto_cast="none")
 
 
 @pytest.fixture(scope="session")
+@built_once
 def sd_no_guidance(tiny_sd, tmp_path_factory) -> Path:
     """Compiled without the guidance batch and without the VAE encoder (text-to-image only)."""
     return _export(
@@ -123,6 +149,7 @@ def sd_no_guidance(tiny_sd, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+@built_once
 def sd_bf16_cli(tiny_sd, tmp_path_factory) -> tuple[Path, str]:
     """Exported by the CLI with optimum-cli's underscore spellings, bf16 matmuls (the default recipe)."""
     out = tmp_path_factory.mktemp("exports") / "sd-bf16"
@@ -177,6 +204,7 @@ def eager(kind_or_folder, tiny, cls=None):
 # Exports of the family, all fp32 so that compiled-vs-eager comparisons can be tight. Some go through
 # the CLI (each task must export from the command line), some through Python.
 @pytest.fixture(scope="session")
+@built_once
 def sd_inpaint_export(tiny, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("exports") / "sd-inpaint"
     cli(
@@ -186,6 +214,7 @@ def sd_inpaint_export(tiny, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+@built_once
 def sd_pix2pix_export(tiny, tmp_path_factory) -> Path:
     """InstructPix2Pix, found from model_index.json (--task auto): a UNet of 8 channels, guidance batch 3."""
     out = tmp_path_factory.mktemp("exports") / "sd-pix2pix"
@@ -197,6 +226,7 @@ def sd_pix2pix_export(tiny, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+@built_once
 def sdxl_pix2pix_export(tiny, tmp_path_factory) -> Path:
     from aotdiffusion import AOTStableDiffusionXLInstructPix2PixPipeline
 
@@ -208,6 +238,7 @@ def sdxl_pix2pix_export(tiny, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+@built_once
 def sdxl_export(tiny, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("exports") / "sdxl"
     cli("export", "--model", str(tiny("sdxl")), "--task", "stable-diffusion-xl", "--height", "64", "--width", "64",
@@ -216,6 +247,7 @@ def sdxl_export(tiny, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+@built_once
 def sdxl_turbo_export(tiny, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("exports") / "sdxl-turbo"
     cli("export", "--model", str(tiny("sdxl")), "--task", "stable-diffusion-xl", "--batch_size", "1",
@@ -225,6 +257,7 @@ def sdxl_turbo_export(tiny, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+@built_once
 def sdxl_refiner_export(tiny, tmp_path_factory) -> Path:
     from aotdiffusion import AOTDiffusionPipeline
 
@@ -236,6 +269,7 @@ def sdxl_refiner_export(tiny, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+@built_once
 def lcm_export(tiny, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("exports") / "lcm"
     cli("export", "--model", str(tiny("lcm")), "--task", "latent-consistency", "--height", "64", "--width", "64",
@@ -244,6 +278,7 @@ def lcm_export(tiny, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+@built_once
 def lcm_sdxl_export(tiny, tmp_path_factory) -> Path:
     from aotdiffusion import AOTStableDiffusionXLPipeline
 
@@ -256,6 +291,7 @@ def lcm_sdxl_export(tiny, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+@built_once
 def sd_split_guidance(tiny_sd, tmp_path_factory) -> Path:
     """The UNet compiled for half the guidance batch (for data_parallel_mode="unet")."""
     return _export(
@@ -268,6 +304,7 @@ def sd_split_guidance(tiny_sd, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+@built_once
 def sd_deep_cache(tiny_sd, tmp_path_factory) -> Path:
     """fp32, with the shallow UNet graph for step caching."""
     return _export(
@@ -277,12 +314,14 @@ def sd_deep_cache(tiny_sd, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+@built_once
 def sd_batch4(tiny_sd, tmp_path_factory) -> Path:
     """Four prompts per call, fp32: the serving tests pack requests into it and compare images exactly."""
     return _export(tiny_sd, tmp_path_factory.mktemp("exports") / "sd-batch4", auto_cast="none", batch_size=4)
 
 
 @pytest.fixture(scope="session")
+@built_once
 def sd_bf16_wide(tiny_sd, tmp_path_factory) -> Path:
     """96x64 (width x height), two prompts per call, bf16 matmuls, no VAE encoder: a second size for serving."""
     return _export(
@@ -307,6 +346,7 @@ def every_conv_timed():
 
 
 @pytest.fixture(scope="session")
+@built_once
 def sd_winograd(tiny_sd, tmp_path_factory):
     with every_conv_timed():
         return _export(
@@ -328,7 +368,9 @@ def pytest_sessionfinish(session, exitstatus):
 
 @pytest.hookimpl(trylast=True)
 def pytest_unconfigure(config):
-    if _EXIT_STATUS and not os.environ.get("AOTDIFFUSION_TESTS_NORMAL_EXIT"):
+    # A pytest-xdist worker leaves normally: its results travel to the controller after this hook.
+    worker = hasattr(config, "workerinput")
+    if _EXIT_STATUS and not worker and not os.environ.get("AOTDIFFUSION_TESTS_NORMAL_EXIT"):
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(_EXIT_STATUS[0])
