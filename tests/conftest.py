@@ -120,11 +120,12 @@ def int8_ranked_first():
 @pytest.fixture(scope="session")
 @built_once
 def sd_int8(tiny_sd, tmp_path_factory) -> Path:
-    """--quantize int8 with step caching: both UNet graphs in int8, calibrated on the tiny pipeline's calls."""
+    """--quantize int8 with step caching: both UNet graphs in int8, calibrated on the tiny pipeline's calls. The
+    rest in fp32 (not timed: a bf16 text encoder, chosen on a busy machine, has no refit program to test with)."""
     with int8_ranked_first():
         return _export(
             tiny_sd, tmp_path_factory.mktemp("exports") / "sd-int8", quantize="int8", deep_cache=True,
-            vae_encoder=False,
+            vae_encoder=False, auto_cast="none",
         )  # fmt: skip
 
 
@@ -234,6 +235,30 @@ def sdxl_pix2pix_export(tiny, tmp_path_factory) -> Path:
     AOTStableDiffusionXLInstructPix2PixPipeline.export(
         tiny("sdxl-instruct-pix2pix"), out, height=64, width=64, auto_cast="none"
     )
+    return out
+
+
+@pytest.fixture(scope="session")
+@built_once
+def sd_controlnet_export(tiny, tmp_path_factory) -> Path:
+    """SD with one ControlNet, by the CLI (--controlnet), text-to-image only."""
+    out = tmp_path_factory.mktemp("exports") / "sd-controlnet"
+    cli("export", "--model", str(tiny("sd")), "--controlnet", str(tiny("controlnet")), "--height", "64", "--width",
+        "64", "--auto-cast", "none", "--no-vae-encoder", str(out))  # fmt: skip
+    return out
+
+
+@pytest.fixture(scope="session")
+@built_once
+def sd_multi_controlnet_export(tiny, tmp_path_factory) -> Path:
+    """SD with two ControlNets (multi-ControlNet), through Python."""
+    from aotdiffusion import AOTStableDiffusionControlNetPipeline
+
+    out = tmp_path_factory.mktemp("exports") / "sd-multi-controlnet"
+    AOTStableDiffusionControlNetPipeline.export(
+        tiny("sd"), out, controlnet=[tiny("controlnet"), tiny("controlnet-2")], height=64, width=64,
+        auto_cast="none", vae_encoder=False,
+    )  # fmt: skip
     return out
 
 
@@ -353,6 +378,19 @@ def sd_winograd(tiny_sd, tmp_path_factory):
             tiny_sd, tmp_path_factory.mktemp("exports") / "sd-winograd", auto_cast="none", conv_algorithm="winograd",
             vae_encoder=False,
         )  # fmt: skip
+
+
+# Under pytest-xdist each file runs whole on one worker, files handed out in collection order: the longest
+# first (measured in CI), so that the run does not end with one worker alone on a long file.
+_LONGEST_FIRST = (
+    "test_family.py", "test_bench.py", "test_serve.py", "test_winograd.py", "test_export.py", "test_atomic_export.py",
+    "test_quantize.py", "test_lora.py", "test_pipeline.py", "test_ray.py",
+)  # fmt: skip
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(_LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: a file's tests keep their order
 
 
 # The full suite's pytest process has died with SIGSEGV at interpreter exit, after every test passed and the

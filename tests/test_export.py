@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -47,7 +48,7 @@ def test_manifest_records_what_a_reload_needs(sd_fp32, tiny_sd):
     assert block["pipeline_class"] == "AOTStableDiffusionPipeline"
     assert block["shapes"] == {
         "batch_size": 1, "height": 64, "width": 64, "num_images_per_prompt": 1,
-        "classifier_free_guidance": True, "split_guidance_batch": False, "sequence_length": 77,
+        "classifier_free_guidance": True, "split_guidance_batch": False, "sequence_length": 77, "guidance_copies": 2,
     }  # fmt: skip
     assert block["components"] == ["text_encoder", "unet", "vae_encoder", "vae_decoder"]
     unet = json.loads((sd_fp32 / "unet" / "config.json").read_text())
@@ -174,7 +175,9 @@ def test_a_format_1_export_names_its_version_and_the_command_that_re_exports_it(
     index = json.loads((copy_of / "model_index.json").read_text())
     index["aotdiffusion"]["format_version"] = 1
     (copy_of / "model_index.json").write_text(json.dumps(index))
-    command = f"`aotdiffusion export --model {tiny_sd} {copy_of}-v2`"
+    source = index["aotdiffusion"]["source"]  # the model it was exported from (another test worker's copy, maybe)
+    assert Path(source).name == tiny_sd.name
+    command = f"`aotdiffusion export --model {source} {copy_of}-v2`"
     with pytest.raises(artifact.ArtifactError, match=r"uses artifact format 1 \(format 1 kept code and weights in one"):
         load(copy_of)
     with pytest.raises(artifact.ArtifactError) as raised:
