@@ -154,6 +154,15 @@ def _parser() -> argparse.ArgumentParser:
         help="fuse this LoRA into the weights before compiling (repeatable; SCALE default 1); with --reuse-compiled "
         "nothing is compiled: the fused weights run the reused code",
     )
+    _flag(
+        export,
+        "controlnet",
+        action="append",
+        default=[],
+        metavar="ID_OR_DIR",
+        help="compile this ControlNet with the pipeline (repeatable: multi-ControlNet); the export is then a "
+        "ControlNet pipeline (generate --control-image)",
+    )
     export.set_defaults(compiled_defaults={dest: export.get_default(dest) for dest in _COMPILED_FLAGS})
 
     generate = commands.add_parser("generate", help="generate images with an exported pipeline")
@@ -177,6 +186,21 @@ def _parser() -> argparse.ArgumentParser:
     _flag(generate, "image", type=Path, help="input image: image-to-image, or inpainting with --mask-image")
     _flag(generate, "mask-image", type=Path, help="inpainting mask (white = repaint), same size as --image")
     _flag(generate, "strength", type=float, help="how much of --image to repaint, 0-1 (diffusers' default)")
+    _flag(
+        generate,
+        "control-image",
+        type=Path,
+        action="append",
+        default=[],
+        help="a ControlNet export's conditioning image (repeatable: one per ControlNet, in export order)",
+    )
+    _flag(
+        generate,
+        "controlnet-conditioning-scale",
+        type=float,
+        action="append",
+        help="how strongly each ControlNet steers (repeatable, one per ControlNet; default 1)",
+    )
     _flag(
         generate,
         "image-guidance-scale",
@@ -248,6 +272,8 @@ def _parser() -> argparse.ArgumentParser:
             "sdxl-refiner",
             "lcm-sdxl",
             "sdxl-instruct-pix2pix",
+            "controlnet",
+            "controlnet-2",
         ],
     )
     tiny.add_argument("output", type=Path)
@@ -355,9 +381,20 @@ def _export(args: argparse.Namespace) -> None:
         cls.export(args.model, args.output, reuse_compiled=args.reuse_compiled, **common)
     else:
         cls = _pipeline_class(args.task, args.model, hub)
+        controlnet = {}
+        if args.controlnet:
+            from .pipelines.auto import FAMILIES, family_of
+
+            if family_of(cls) != "stable-diffusion":
+                raise ValueError(
+                    f"--controlnet compiles a Stable Diffusion 1.x/2.x ControlNet pipeline; {args.model} exports as "
+                    f"{cls.__name__} (SDXL ControlNet is not supported yet)."
+                )
+            cls, controlnet = FAMILIES["stable-diffusion-controlnet"][0], {"controlnet": args.controlnet}
         cls.export(
             args.model,
             args.output,
+            **controlnet,
             device=args.device,
             auto_cast=args.auto_cast,
             auto_cast_type=args.auto_cast_type,
@@ -386,7 +423,7 @@ def _generate(args: argparse.Namespace) -> None:
     import torch
 
     from .export.lora import load_loras, parse_lora
-    from .pipelines.auto import EDITING, FAMILIES, family_of, pipeline_class_for
+    from .pipelines.auto import CONTROLNET_FAMILIES, EDITING, FAMILIES, family_of, pipeline_class_for
     from .pipelines.base import _local_or_download
     from .pipelines.images import decode_image
 
@@ -399,6 +436,12 @@ def _generate(args: argparse.Namespace) -> None:
     cls = exported_cls
     if args.mask_image is not None and args.image is None:
         raise ValueError("--mask-image needs --image: inpainting repaints the masked part of an image.")
+    if family_of(exported_cls) in CONTROLNET_FAMILIES:
+        _check_controlnet_flags(args, exported_cls, folder)
+    elif args.control_image or args.controlnet_conditioning_scale:
+        raise ValueError(
+            f"--control-image is for ControlNet exports (export --controlnet); this is a {exported_cls.__name__}."
+        )
     editing = family_of(exported_cls) in EDITING
     if editing:
         _check_editing_flags(args, exported_cls)
@@ -437,6 +480,12 @@ def _generate(args: argparse.Namespace) -> None:
         call["strength"] = args.strength
     if args.image_guidance_scale is not None:
         call["image_guidance_scale"] = args.image_guidance_scale
+    if args.control_image:
+        images = [decode_image(path.read_bytes(), "--control-image") for path in args.control_image]
+        call["image"] = images[0] if len(images) == 1 else images
+    if args.controlnet_conditioning_scale:
+        scales = args.controlnet_conditioning_scale
+        call["controlnet_conditioning_scale"] = scales[0] if len(scales) == 1 else scales
     prompts = [args.prompt] * shapes.batch_size
     if args.negative_prompt:
         call["negative_prompt"] = [args.negative_prompt] * len(prompts)
@@ -452,6 +501,23 @@ def _generate(args: argparse.Namespace) -> None:
     print(f"{len(paths)} image(s) in {elapsed:.1f}s:")
     for path in paths:
         print(f"  {path}")
+
+
+def _check_controlnet_flags(args: argparse.Namespace, exported_cls: type, folder: Path) -> None:
+    """A ControlNet export takes one --control-image (and scale) per ControlNet, and no --image."""
+    from . import artifact
+
+    _, block = artifact.read_pipeline_index(folder)
+    count = sum(1 for name in block["components"] if name.startswith("controlnet_"))
+    name = exported_cls.__name__
+    if args.image is not None or args.mask_image is not None:
+        raise ValueError(f"{name} generates from text and a conditioning image: pass --control-image, not --image.")
+    scales = args.controlnet_conditioning_scale or []
+    for flag, given in (("--control-image", args.control_image), ("--controlnet-conditioning-scale", scales)):
+        if (given or flag == "--control-image") and len(given) != count:
+            raise ValueError(
+                f"This export has {count} ControlNet(s): pass {flag} once per ControlNet, got it {len(given)} time(s)."
+            )
 
 
 def _check_editing_flags(args: argparse.Namespace, exported_cls: type) -> None:

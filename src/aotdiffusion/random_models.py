@@ -204,6 +204,34 @@ def tiny_stable_diffusion_xl_instruct_pix2pix(seed: int = 0):
     )
 
 
+def tiny_controlnet(seed: int = 0):
+    """A ControlNet for the tiny SD UNet (a model only): its encoder copied from a tiny UNet as diffusers' from_unet
+    does, and its zero-initialised convolutions given random weights, so its residuals are not zero."""
+    from diffusers import ControlNetModel
+
+    controlnet = ControlNetModel.from_unet(_tiny_unet(seed + 5), conditioning_embedding_out_channels=(16, 32))
+    return _unzeroed(controlnet, seed + 6)
+
+
+def full_size_controlnet(seed: int = 0):
+    """A ControlNet of SD 1.5's architecture (lllyasviel/sd-controlnet-*: 361M parameters) with random weights."""
+    from diffusers import ControlNetModel
+
+    return _unzeroed(ControlNetModel.from_unet(full_size_stable_diffusion_15(seed + 5).unet), seed + 6)
+
+
+def _unzeroed(controlnet, seed: int):
+    """A fresh ControlNet's output convolutions start at zero (its residuals too): random weights instead."""
+    generator = torch.Generator().manual_seed(seed)
+    zero_convs = [*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block,
+                  controlnet.controlnet_cond_embedding.conv_out]  # fmt: skip
+    with torch.no_grad():
+        for conv in zero_convs:
+            conv.weight.copy_(torch.randn(conv.weight.shape, generator=generator) * 0.1)
+            conv.bias.copy_(torch.randn(conv.bias.shape, generator=generator) * 0.1)
+    return controlnet.eval()
+
+
 def tiny_latent_consistency(seed: int = 0):
     """LCM distilled from SD: the UNet embeds the guidance scale (`time_cond_proj_dim`), LCMScheduler."""
     from diffusers import LatentConsistencyModelPipeline, LCMScheduler
@@ -411,8 +439,14 @@ TINY_MODELS = {
     "sdxl": tiny_stable_diffusion_xl,
     "sdxl-refiner": tiny_stable_diffusion_xl_refiner,
     "lcm-sdxl": tiny_lcm_sdxl_unet,
+    "controlnet": tiny_controlnet,
+    "controlnet-2": lambda: tiny_controlnet(seed=10),  # a second, different one (multi-ControlNet)
 }
-FULL_SIZE_MODELS = {"sd": full_size_stable_diffusion_15, "sdxl": full_size_stable_diffusion_xl}
+FULL_SIZE_MODELS = {
+    "sd": full_size_stable_diffusion_15,
+    "sdxl": full_size_stable_diffusion_xl,
+    "controlnet": full_size_controlnet,
+}
 
 
 def save_tiny(kind: str, path: str | Path, *, full_size: bool = False) -> Path:

@@ -98,14 +98,21 @@ class _UNetGraph(torch.nn.Module):
     def forward(self, *tensors: torch.Tensor):
         named = dict(zip(self.input_names, tensors))
         added = {k: named[k] for k in ("text_embeds", "time_ids") if k in named}
+        down = [named[k] for k in self.input_names if k.startswith(DOWN_RESIDUAL)]
         return self.unet(
             named["sample"],
             named["timestep"],
             encoder_hidden_states=named["encoder_hidden_states"],
             timestep_cond=named.get("timestep_cond"),
             added_cond_kwargs=added or None,
+            down_block_additional_residuals=tuple(down) or None,
+            mid_block_additional_residual=named.get(MID_RESIDUAL),
             return_dict=False,
         )
+
+
+# A ControlNet export's UNet takes the ControlNets' residuals as inputs (down_residual_0.., mid_residual).
+DOWN_RESIDUAL, MID_RESIDUAL = "down_residual_", "mid_residual"
 
 
 def unet_spec(
@@ -115,10 +122,12 @@ def unet_spec(
     *,
     text_embeds_dim: int | None = None,
     time_ids_dim: int | None = None,
+    residuals: list[tuple[int, ...]] | None = None,
 ) -> ComponentSpec:
     """The UNet at the batch it really receives: doubled when compiled for classifier-free guidance.
 
     The timestep is a graph input of shape (batch,), so any scheduler can drive the compiled UNet.
+    ``residuals``: the shapes of a ControlNet's outputs (down blocks, then mid block), taken as inputs.
     """
     config = unet.config
     batch = shapes.unet_batch
@@ -137,6 +146,10 @@ def unet_spec(
         if text_embeds_dim is not None:
             inputs["text_embeds"] = torch.randn(batch, text_embeds_dim, generator=gen)
             inputs["time_ids"] = torch.randint(0, 1024, (batch, time_ids_dim), generator=gen).float()
+        if residuals:
+            for i, shape in enumerate(residuals[:-1]):
+                inputs[f"{DOWN_RESIDUAL}{i}"] = torch.randn(shape, generator=gen)
+            inputs[MID_RESIDUAL] = torch.randn(residuals[-1], generator=gen)
         return inputs
 
     names = list(make_inputs(torch.Generator().manual_seed(0)))
@@ -219,3 +232,62 @@ def vae_encoder_spec(vae: torch.nn.Module, shapes: PipelineShapes) -> ComponentS
         config=_config_dict(vae),
         static={"batch_size": batch, "height": shapes.height, "width": shapes.width},
     )
+
+
+class _ControlNetGraph(torch.nn.Module):
+    """A ControlNet whose residuals leave scaled by a graph input, one scale per residual: the conditioning
+    scale (and guess mode's per-block ramp, and control_guidance_start/end) change per call and per step."""
+
+    def __init__(self, controlnet: torch.nn.Module):
+        super().__init__()
+        self.controlnet = controlnet
+
+    def forward(self, sample, timestep, encoder_hidden_states, controlnet_cond, scales):
+        down, mid = self.controlnet(
+            sample, timestep, encoder_hidden_states=encoder_hidden_states, controlnet_cond=controlnet_cond,
+            conditioning_scale=1.0, guess_mode=False, return_dict=False,
+        )  # fmt: skip
+        return (*(d * scales[i] for i, d in enumerate(down)), mid * scales[-1])
+
+
+def controlnet_spec(name: str, controlnet: torch.nn.Module, shapes: PipelineShapes, vae_scale_factor: int):
+    """One ControlNet at the UNet's batch, with its conditioning image at the compiled image size.
+
+    Returns the spec and its outputs' shapes (the UNet's residual inputs).
+    """
+    config = controlnet.config
+    batch = shapes.unet_batch
+    h, w = shapes.height // vae_scale_factor, shapes.width // vae_scale_factor
+    module = _ControlNetGraph(controlnet).eval()
+    with torch.no_grad():
+        probe = controlnet(
+            torch.zeros(1, config.in_channels, h, w), torch.zeros(1), encoder_hidden_states=torch.zeros(
+                1, shapes.sequence_length, config.cross_attention_dim), controlnet_cond=torch.zeros(
+                1, config.conditioning_channels, shapes.height, shapes.width), return_dict=False,
+        )  # fmt: skip
+    count = len(probe[0]) + 1
+
+    def make_inputs(gen: torch.Generator) -> dict[str, torch.Tensor]:
+        return {
+            "sample": torch.randn(batch, config.in_channels, h, w, generator=gen),
+            "timestep": torch.randint(0, 1000, (batch,), generator=gen).float(),
+            "encoder_hidden_states": torch.randn(
+                batch, shapes.sequence_length, config.cross_attention_dim, generator=gen
+            ),  # fmt: skip
+            "controlnet_cond": torch.rand(
+                batch, config.conditioning_channels, shapes.height, shapes.width, generator=gen
+            ),  # fmt: skip
+            "scales": torch.rand(count, generator=gen) + 0.5,
+        }
+
+    residuals = [(batch, *t.shape[1:]) for t in (*probe[0], probe[1])]
+    spec = ComponentSpec(
+        name=name,
+        role="controlnet",
+        module=module,
+        make_inputs=make_inputs,
+        output_names=[f"{DOWN_RESIDUAL}{i}" for i in range(count - 1)] + [MID_RESIDUAL],
+        config=_config_dict(controlnet),
+        static={"batch_size": batch, "height": shapes.height, "width": shapes.width},
+    )
+    return spec, residuals

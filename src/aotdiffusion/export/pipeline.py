@@ -22,7 +22,14 @@ from ..shapes import PipelineShapes
 from . import staging, winograd
 from .choose_precision import INT8, LinearChoice, choose, choose_fp32_linear, dominant_ops
 from .compile import CompilerOptions, compile_component, write_manifest
-from .components import ComponentSpec, text_encoder_spec, unet_spec, vae_decoder_spec, vae_encoder_spec
+from .components import (
+    ComponentSpec,
+    controlnet_spec,
+    text_encoder_spec,
+    unet_spec,
+    vae_decoder_spec,
+    vae_encoder_spec,
+)
 from .deep_cache import FEATURE, deep_cache_specs
 from .lora import FUSED_ATTRIBUTE
 from .precision import Precision
@@ -38,7 +45,7 @@ from .validate import ValidationError, ValidationReport, validate_component
 
 # Pipeline attributes that are compiled; everything else (scheduler, tokenizers, feature extractor)
 # is saved by its own library and loaded back by it.
-COMPILED_ATTRIBUTES = ("text_encoder", "text_encoder_2", "unet", "vae")
+COMPILED_ATTRIBUTES = ("text_encoder", "text_encoder_2", "unet", "vae", "controlnet")
 
 
 @dataclass
@@ -52,6 +59,17 @@ class ComponentResult:
 
 # diffusers pipelines whose guidance batch holds three copies of the latents (text and image guidance).
 THREE_WAY_GUIDANCE = ("StableDiffusionInstructPix2PixPipeline", "StableDiffusionXLInstructPix2PixPipeline")
+
+
+CONTROLNET_PREFIX = "controlnet_"  # folders controlnet_0, controlnet_1, ...
+
+
+def controlnets_of(pipe: DiffusionPipeline) -> list:
+    """The pipeline's ControlNets, in order (a MultiControlNetModel's nets, or the one)."""
+    controlnet = getattr(pipe, "controlnet", None)
+    if controlnet is None:
+        return []
+    return list(getattr(controlnet, "nets", [controlnet]))
 
 
 def default_shapes(pipe: DiffusionPipeline, **requested: Any) -> PipelineShapes:
@@ -103,6 +121,17 @@ def component_specs(
             "text_embeds_dim": text_embeds_dim,
             "time_ids_dim": (in_features - text_embeds_dim) // unet.config.addition_time_embed_dim,
         }
+    controlnets = controlnets_of(pipe)
+    if controlnets:
+        if deep_cache:
+            raise ValueError(
+                "Step caching (--deep-cache) skips the UNet's deep blocks, where a ControlNet's residuals enter: "
+                "export a ControlNet pipeline without --deep-cache."
+            )
+        for i, net in enumerate(controlnets):
+            spec, residuals = controlnet_spec(f"{CONTROLNET_PREFIX}{i}", net, shapes, pipe.vae_scale_factor)
+            specs.append(spec)
+        added["residuals"] = residuals
     specs.append(unet_spec(unet, shapes, pipe.vae_scale_factor, **added))
     if deep_cache:
         if shapes.split_guidance_batch:
@@ -191,6 +220,11 @@ def export_pipeline(
             f"on {options.device}"
         )
         int8 = options.quantize == "int8"
+        if int8 and controlnets_of(pipe):
+            raise ValueError(
+                "--quantize int8 calibrates the UNet without ControlNet residuals; export a ControlNet pipeline "
+                "without it."
+            )
         if int8:
             unet = next(spec for spec in specs if spec.role == "unet")
             log(

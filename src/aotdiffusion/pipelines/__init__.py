@@ -1,6 +1,7 @@
 from .auto import AOTDiffusionPipeline
 from .latent_consistency import AOTLatentConsistencyModelPipeline
 from .stable_diffusion import (
+    AOTStableDiffusionControlNetPipeline,
     AOTStableDiffusionImg2ImgPipeline,
     AOTStableDiffusionInpaintPipeline,
     AOTStableDiffusionInstructPix2PixPipeline,
@@ -17,6 +18,7 @@ __all__ = [
     "AOTDiffusionPipeline",
     "AOTLatentConsistencyModelPipeline",
     "AOTStableDiffusionPipeline",
+    "AOTStableDiffusionControlNetPipeline",
     "AOTStableDiffusionImg2ImgPipeline",
     "AOTStableDiffusionInpaintPipeline",
     "AOTStableDiffusionInstructPix2PixPipeline",

@@ -8,6 +8,7 @@ from typing import Any
 from .. import artifact
 from .latent_consistency import AOTLatentConsistencyModelPipeline
 from .stable_diffusion import (
+    AOTStableDiffusionControlNetPipeline,
     AOTStableDiffusionImg2ImgPipeline,
     AOTStableDiffusionInpaintPipeline,
     AOTStableDiffusionInstructPix2PixPipeline,
@@ -32,6 +33,7 @@ PIPELINES = {
         AOTLatentConsistencyModelPipeline,
         AOTStableDiffusionInstructPix2PixPipeline,
         AOTStableDiffusionXLInstructPix2PixPipeline,
+        AOTStableDiffusionControlNetPipeline,
     )
 }
 # The diffusers class a model's model_index.json names -> the compiled class that exports it.
@@ -54,6 +56,9 @@ FAMILIES: dict[str, tuple[type, type | None, type | None]] = {
     "stable-diffusion-xl-instruct-pix2pix": (AOTStableDiffusionXLInstructPix2PixPipeline, None, None),
 }
 EDITING = ("instruct-pix2pix", "stable-diffusion-xl-instruct-pix2pix")
+# Text-to-image from a conditioning image (`image` is the ControlNet's condition): export with --controlnet.
+FAMILIES["stable-diffusion-controlnet"] = (AOTStableDiffusionControlNetPipeline, None, None)
+CONTROLNET_FAMILIES = ("stable-diffusion-controlnet",)
 
 
 def family_of(pipeline_cls: type) -> str:

@@ -25,11 +25,18 @@ from ..export import staging
 from ..export.compile import CompilerOptions
 from ..export.deep_cache import SHALLOW_COMPONENT
 from ..export.lora import fuse_loras
-from ..export.pipeline import COMPILED_ATTRIBUTES, default_shapes, export_pipeline, save_uncompiled_parts
+from ..export.pipeline import (
+    COMPILED_ATTRIBUTES,
+    CONTROLNET_PREFIX,
+    controlnets_of,
+    default_shapes,
+    export_pipeline,
+    save_uncompiled_parts,
+)
 from ..export.precision import Precision
 from ..runtime import trusted
 from ..runtime.compiled import CompiledComponent
-from ..runtime.components import AOTAutoencoderKL, AOTTextEncoder, AOTUNet
+from ..runtime.components import AOTAutoencoderKL, AOTControlNet, AOTMultiControlNet, AOTTextEncoder, AOTUNet
 from ..shapes import PipelineShapes
 from .batches import chunk_call, combine_outputs, prompt_count
 from .images import conform_images
@@ -124,6 +131,7 @@ class AOTPipelineMixin:
         compile_cache: bool = True,
         reuse_compiled: str | Path | None = None,
         lora: list | None = None,
+        controlnet: list | str | Path | None = None,
         **hub_kwargs: Any,
     ) -> list:
         """Compiles ``model`` (hub id or diffusers folder) into ``output_dir``, without loading the result.
@@ -132,7 +140,8 @@ class AOTPipelineMixin:
         is complete. ``compile_cache=False`` compiles every component even if the compile cache holds it.
         ``reuse_compiled`` (an export of a model of the same architecture) compiles nothing: its code runs the
         new weights, with its shapes and compiler options (export/reuse.py). ``lora``: adapters fused into the
-        weights first, each ``"PATH_OR_ID[:SCALE]"`` or ``(source, scale)`` (export/lora.py).
+        weights first, each ``"PATH_OR_ID[:SCALE]"`` or ``(source, scale)`` (export/lora.py). ``controlnet``: the
+        ControlNet(s) of a ControlNet pipeline, hub ids or folders (several: multi-ControlNet), each compiled.
         Returns one :class:`~aotdiffusion.export.pipeline.ComponentResult` per compiled component.
         """
         if reuse_compiled is not None:
@@ -149,10 +158,16 @@ class AOTPipelineMixin:
                     f"options, so {given} cannot be set with it. Drop them, or export without reuse_compiled."
                 )
         staging.check_target(Path(output_dir), overwrite)  # before minutes of loading and compiling
-        source = cls.load_source(model, unet_id=unet_id, **hub_kwargs)
+        source = cls.load_source(model, unet_id=unet_id, controlnet=controlnet, **hub_kwargs)
         fuse_loras(source, lora or [])
         if reuse_compiled is not None:
             from ..export.reuse import reuse_compiled as reuse
+
+            if source_controlnets := controlnets_of(source):
+                raise ValueError(
+                    f"reuse_compiled does not refit ControlNets yet ({len(source_controlnets)} here): export the "
+                    "ControlNet pipeline without it."
+                )
 
             return reuse(source, reuse_compiled, output_dir, validate=validate, overwrite=overwrite)
         shapes = default_shapes(
@@ -187,14 +202,30 @@ class AOTPipelineMixin:
         )
 
     @classmethod
-    def load_source(cls, model_id: str | Path, *, unet_id: str | None = None, **hub_kwargs: Any) -> DiffusionPipeline:
+    def load_source(
+        cls, model_id: str | Path, *, unet_id: str | None = None, controlnet: list | str | Path | None = None,
+        **hub_kwargs: Any,
+    ) -> DiffusionPipeline:  # fmt: skip
         """The eager fp32 diffusers pipeline to compile (the safety checker is not compiled: see README)."""
-        extra = {}
+        extra: dict[str, Any] = {}
+        init_params = inspect.signature(cls.diffusers_class.__init__).parameters
+        ids = [controlnet] if isinstance(controlnet, (str, Path)) else list(controlnet or [])
+        if ids and "controlnet" not in init_params:
+            raise ValueError(
+                f"{cls.__name__} takes no ControlNet; export {ids} with the ControlNet pipeline (aotdiffusion export "
+                "--controlnet ID, or AOTStableDiffusionControlNetPipeline.export(..., controlnet=[ID]))."
+            )
+        if "controlnet" in init_params:
+            if not ids:
+                raise ValueError(f"{cls.__name__} needs its ControlNet(s): pass controlnet=[ID_OR_DIR] (--controlnet).")
+            from diffusers import ControlNetModel
+
+            nets = [ControlNetModel.from_pretrained(str(i), dtype=torch.float32, **hub_kwargs) for i in ids]
+            extra["controlnet"] = nets[0] if len(nets) == 1 else nets  # a list: diffusers' MultiControlNetModel
         if unet_id is not None:
             from diffusers import UNet2DConditionModel
 
             extra["unet"] = UNet2DConditionModel.from_pretrained(unet_id, dtype=torch.float32, **hub_kwargs)
-        init_params = inspect.signature(cls.diffusers_class.__init__).parameters
         if "safety_checker" in init_params:
             extra.update(safety_checker=None, requires_safety_checker=False)
         pipe = cls.diffusers_class.from_pretrained(str(model_id), dtype=torch.float32, **extra, **hub_kwargs)
@@ -240,6 +271,9 @@ class AOTPipelineMixin:
                 components[name] = AOTTextEncoder(compiled[name])
         components["unet"] = AOTUNet(compiled["unet"], shallow=compiled.get(SHALLOW_COMPONENT))
         components["vae"] = AOTAutoencoderKL(compiled["vae_decoder"], compiled.get("vae_encoder"))
+        nets = [AOTControlNet(compiled[name]) for name in block["components"] if name.startswith(CONTROLNET_PREFIX)]
+        if nets:
+            components["controlnet"] = nets[0] if len(nets) == 1 else AOTMultiControlNet(nets)
         for name, part_class in saved_parts.items():
             components[name] = part_class.from_pretrained(folder / name)
         pipe = cls._assemble(components, index)
@@ -419,7 +453,7 @@ class AOTPipelineMixin:
     def _call_replicas(self, call: dict[str, Any], extra: dict[str, Any]):
         from .data_parallel import split_call
 
-        requests, images = split_call(call, extra, self.static_shapes, self.scheduler)
+        requests, images = split_call(call, extra, self.static_shapes, self.scheduler, self._unsplit())
         return combine_outputs(self._replicas.map(requests), call.get("return_dict", True), images)
 
     # ----------------------------------------------------------------------------------- calling
@@ -453,7 +487,7 @@ class AOTPipelineMixin:
             self.check_call(call)
             conform_images(call, self.static_shapes, self.vae_scale_factor, resize=resize_images)
             shapes = self.static_shapes
-            chunks = chunk_call(call, shapes.batch_size, shapes.num_images_per_prompt)
+            chunks = chunk_call(call, shapes.batch_size, shapes.num_images_per_prompt, unsplit=self._unsplit())
             if chunks.whole:
                 with self.unet.step_cache(cache_interval):
                     return super().__call__(**call, **extra)
@@ -466,6 +500,10 @@ class AOTPipelineMixin:
                 with self.unet.step_cache(cache_interval):  # each call starts with a full UNet step
                     outputs.append(super().__call__(**part, **extra))
             return combine_outputs(outputs, call.get("return_dict", True), chunks.images)
+
+    def _unsplit(self) -> tuple[str, ...]:
+        """Call arguments that look per-prompt but are not (a multi-ControlNet's images): never split in chunks."""
+        return ()
 
     def _check_steps(self, call: dict[str, Any]) -> None:
         """A step count the scheduler cannot run is a ValueError before anything runs.

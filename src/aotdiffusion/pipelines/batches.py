@@ -64,10 +64,11 @@ class Chunks:
     whole: bool  # the call is one compiled batch as it is: nothing split or padded
 
 
-def chunk_call(call: dict[str, Any], batch_size: int, images_per_prompt: int) -> Chunks:
+def chunk_call(call: dict[str, Any], batch_size: int, images_per_prompt: int, *, unsplit: tuple = ()) -> Chunks:
     """``call`` as chunks of ``batch_size`` prompts (``images_per_prompt`` images each), the last padded.
 
-    Every per-prompt argument is checked first, so a bad one is a ValueError before any chunk runs.
+    Every per-prompt argument is checked first, so a bad one is a ValueError before any chunk runs; ``unsplit``
+    names arguments passed whole to every chunk.
     """
     count = prompt_count(call)
     if count is None:
@@ -76,6 +77,8 @@ def chunk_call(call: dict[str, Any], batch_size: int, images_per_prompt: int) ->
         raise ValueError("`prompt` is an empty list: give at least one prompt.")
     per_prompt = {}
     for name in PER_PROMPT:
+        if name in unsplit:
+            continue
         value = call.get(name)
         if isinstance(value, str) and name == "prompt":
             value = [value]

@@ -40,7 +40,9 @@ def _run(pipe, *, scheduler: tuple[str, dict], generator_states: list[torch.Tens
 _NOT_PICKLABLE = ("callback_on_step_end", "callback")
 
 
-def split_call(call: dict[str, Any], extra: dict[str, Any], shapes, scheduler) -> tuple[list[dict[str, Any]], int]:
+def split_call(
+    call: dict[str, Any], extra: dict[str, Any], shapes, scheduler, unsplit: tuple = ()
+) -> tuple[list[dict[str, Any]], int]:
     """One request per chunk of ``shapes.batch_size`` prompts (batches.py: the last padded), with its
     generators and the current scheduler; and how many images the call returns."""
     for name in _NOT_PICKLABLE:
@@ -48,7 +50,7 @@ def split_call(call: dict[str, Any], extra: dict[str, Any], shapes, scheduler) -
             raise ValueError(f"`{name}` cannot run in data-parallel replicas (other processes); load without it.")
     if prompt_count(call) is None:
         raise ValueError("Data parallel splits a list of prompts across replicas: pass `prompt` as a list.")
-    chunks = chunk_call(call, shapes.batch_size, call.get("num_images_per_prompt") or 1)
+    chunks = chunk_call(call, shapes.batch_size, call.get("num_images_per_prompt") or 1, unsplit=unsplit)
     requests = []
     for i, part in enumerate(chunks.calls):
         generator = part.pop("generator", None)

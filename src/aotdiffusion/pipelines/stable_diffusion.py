@@ -1,8 +1,10 @@
-"""Stable Diffusion 1.x/2.x: text-to-image, image-to-image, inpainting, InstructPix2Pix, compiled ahead of time."""
+"""Stable Diffusion 1.x/2.x: text-to-image, image-to-image, inpainting, InstructPix2Pix, ControlNet, compiled ahead of
+time."""
 
 from __future__ import annotations
 
 from diffusers import (
+    StableDiffusionControlNetPipeline,
     StableDiffusionImg2ImgPipeline,
     StableDiffusionInpaintPipeline,
     StableDiffusionInstructPix2PixPipeline,
@@ -30,3 +32,14 @@ class AOTStableDiffusionInstructPix2PixPipeline(AOTPipelineMixin, StableDiffusio
     """Edits ``image`` as the prompt says; the UNet is compiled for the three-way guidance batch it receives."""
 
     diffusers_class = StableDiffusionInstructPix2PixPipeline
+
+
+class AOTStableDiffusionControlNetPipeline(AOTPipelineMixin, StableDiffusionControlNetPipeline):
+    """Text-to-image guided by one ControlNet or several (``image``: the conditioning image, or one per ControlNet);
+    each ControlNet is compiled with the UNet's static shapes, its scales graph inputs."""
+
+    diffusers_class = StableDiffusionControlNetPipeline
+
+    def _unsplit(self) -> tuple[str, ...]:
+        # Several ControlNets: `image` holds one conditioning image per ControlNet, not one per prompt.
+        return ("image",) if hasattr(self.controlnet, "nets") else ()

@@ -14,9 +14,12 @@ from typing import Any
 
 import torch
 from diffusers.models.autoencoders.vae import DecoderOutput, DiagonalGaussianDistribution
+from diffusers.models.controlnets.controlnet import ControlNetModel, ControlNetOutput
+from diffusers.models.controlnets.multicontrolnet import MultiControlNetModel
 from diffusers.models.modeling_outputs import AutoencoderKLOutput
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 
+from ..export.components import DOWN_RESIDUAL, MID_RESIDUAL
 from .compiled import CompiledComponent
 
 
@@ -147,6 +150,8 @@ class AOTUNet(AOTModelPart):
         timestep_cond: torch.Tensor | None = None,
         cross_attention_kwargs: dict[str, Any] | None = None,
         added_cond_kwargs: dict[str, torch.Tensor] | None = None,
+        down_block_additional_residuals: tuple[torch.Tensor, ...] | None = None,
+        mid_block_additional_residual: torch.Tensor | None = None,
         return_dict: bool = True,
         **kwargs: Any,
     ):
@@ -170,6 +175,7 @@ class AOTUNet(AOTModelPart):
             "timestep_cond": timestep_cond,
             "text_embeds": added.get("text_embeds"),
             "time_ids": added.get("time_ids"),
+            **self._residuals(sample, down_block_additional_residuals, mid_block_additional_residual),
         }
         if self.compiled.static.get("split_guidance_batch") and sample.shape[0] == 2 * self.batch_size:
             halves = [{k: None if v is None else v.chunk(2)[i] for k, v in inputs.items()} for i in range(2)]
@@ -181,6 +187,102 @@ class AOTUNet(AOTModelPart):
         else:
             out = self._run(inputs)
         return UNet2DConditionOutput(sample=out) if return_dict else (out,)
+
+    def _residuals(self, sample: torch.Tensor, down: tuple | None, mid: torch.Tensor | None) -> dict:
+        """A ControlNet export's UNet takes the residuals as inputs: zeros (no control) when none are given."""
+        names = [spec["name"] for spec in self.compiled.inputs if spec["name"].startswith(DOWN_RESIDUAL)]
+        if not names:
+            if down is not None or mid is not None:
+                raise ValueError(
+                    "This UNet was compiled without ControlNet residual inputs: export with --controlnet ID to run "
+                    "a ControlNet."
+                )
+            return {}
+        if down is None:
+            batch = sample.shape[0]
+            shapes = {name: (batch, *self.compiled.input_shape(name)[1:]) for name in [*names, MID_RESIDUAL]}
+            return {name: sample.new_zeros(shape) for name, shape in shapes.items()}
+        if len(down) != len(names):
+            raise ValueError(f"This UNet takes {len(names)} ControlNet down-block residuals, got {len(down)}.")
+        return {**dict(zip(names, down)), MID_RESIDUAL: mid}
+
+
+class AOTControlNet(AOTModelPart):
+    """A compiled ControlNet, answering diffusers' ``isinstance(controlnet, ControlNetModel)`` checks.
+
+    Its graph runs at the UNet's batch with one scale per residual (export/components.py): the conditioning
+    scale, or guess mode's ramp over the blocks, times the step's control_guidance keep factor. In guess mode
+    with guidance, diffusers runs it on the conditional half only: that half runs twice (padding), half kept.
+    """
+
+    @property
+    def __class__(self):  # noqa: D105 - diffusers' pipelines branch on isinstance(self.controlnet, ControlNetModel)
+        return ControlNetModel
+
+    def __call__(
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor | float | int,
+        encoder_hidden_states: torch.Tensor,
+        controlnet_cond: torch.Tensor,
+        conditioning_scale: float = 1.0,
+        class_labels: torch.Tensor | None = None,
+        timestep_cond: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        added_cond_kwargs: dict[str, torch.Tensor] | None = None,
+        cross_attention_kwargs: dict[str, Any] | None = None,
+        guess_mode: bool = False,
+        return_dict: bool = True,
+    ):
+        unsupported = [n for n, v in (("class_labels", class_labels), ("timestep_cond", timestep_cond),
+                                      ("attention_mask", attention_mask), ("added_cond_kwargs", added_cond_kwargs),
+                                      ("cross_attention_kwargs", cross_attention_kwargs)) if v]  # fmt: skip
+        if unsupported:
+            raise ValueError(f"The compiled ControlNet does not take {unsupported}.")
+        count = len(self.compiled.output_names)
+        if guess_mode and not self.config.get("global_pool_conditions"):
+            # diffusers' guess mode: the residuals ramp from 0.1 (first block) to 1 (mid block).
+            scales = torch.logspace(-1, 0, count, device=sample.device) * conditioning_scale
+        else:
+            scales = torch.full((count,), float(conditioning_scale), device=sample.device)
+        batch, compiled = sample.shape[0], self.compiled.input_shape("sample")[0]
+        timestep = torch.as_tensor(timestep, device=sample.device).to(torch.float32).reshape(-1).expand(batch)
+        inputs = {"sample": sample, "timestep": timestep, "encoder_hidden_states": encoder_hidden_states,
+                  "controlnet_cond": controlnet_cond}  # fmt: skip
+        if batch * 2 == compiled:  # guess mode with guidance: the conditional half only
+            inputs = {k: torch.cat([v, v]) for k, v in inputs.items()}
+        outputs = list(self.compiled(**inputs, scales=scales).values())
+        outputs = [o[:batch] for o in outputs]
+        down, mid = tuple(outputs[:-1]), outputs[-1]
+        return ControlNetOutput(down_block_res_samples=down, mid_block_res_sample=mid) if return_dict else (down, mid)
+
+
+class AOTMultiControlNet:
+    """Several compiled ControlNets as diffusers' ``MultiControlNetModel``: its own forward sums their residuals."""
+
+    dtype = torch.float32
+
+    def __init__(self, nets: list[AOTControlNet]):
+        self.nets = nets
+
+    @property
+    def __class__(self):  # noqa: D105 - see AOTControlNet
+        return MultiControlNetModel
+
+    @property
+    def device(self) -> torch.device:
+        return self.nets[0].device
+
+    def to(self, *args: Any, **kwargs: Any) -> AOTMultiControlNet:
+        for net in self.nets:
+            net.to(*args, **kwargs)
+        return self
+
+    def __call__(self, *args: Any, **kwargs: Any):
+        return MultiControlNetModel.forward(self, *args, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"AOTMultiControlNet({self.nets})"
 
 
 class AOTAutoencoderKL:

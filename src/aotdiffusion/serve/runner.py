@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import artifact
-from ..pipelines.auto import PIPELINES, TEXT_TO_IMAGE, family_of, task_classes
+from ..pipelines.auto import CONTROLNET_FAMILIES, PIPELINES, TEXT_TO_IMAGE, family_of, task_classes
 
 FACTORY = f"{__name__}:replica"
 # Steps when a request names none: diffusers' 50 is slow on a CPU; LCM models are made for a few.
@@ -78,6 +78,11 @@ class ExportInfo:
                 f"{folder} names the pipeline class {name!r}, which aotdiffusion does not have."
             )
         exported = PIPELINES[name]
+        if family_of(exported) in CONTROLNET_FAMILIES:
+            raise artifact.ArtifactError(
+                f"{folder} is a ControlNet export, which the server does not serve yet (its API has no conditioning "
+                "image); run it with `aotdiffusion generate --control-image` or the Python API."
+            )
         unet = artifact.read_json(folder / "unet" / "config.json")
         tasks = task_classes(
             exported, unet_in_channels=unet["in_channels"], vae_encoder="vae_encoder" in block["components"]

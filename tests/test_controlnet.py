@@ -1,0 +1,86 @@
+"""ControlNet pipelines compiled (one ControlNet and several) against eager diffusers with the same ControlNets."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+import torch
+from conftest import cli, run_pipe
+from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
+from PIL import Image
+from test_family import close, load, picture
+
+from aotdiffusion import AOTDiffusionPipeline, AOTStableDiffusionControlNetPipeline
+
+
+def eager_controlnet(tiny, *kinds: str) -> StableDiffusionControlNetPipeline:
+    nets = [ControlNetModel.from_pretrained(tiny(kind)) for kind in kinds]
+    pipe = StableDiffusionControlNetPipeline.from_pretrained(
+        tiny("sd"), controlnet=nets[0] if len(nets) == 1 else nets, safety_checker=None, requires_safety_checker=False
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def seeds(*values: int) -> list[torch.Generator]:
+    return [torch.Generator().manual_seed(v) for v in values]
+
+
+def test_controlnet_matches_eager(sd_controlnet_export, tiny):
+    pipe = AOTDiffusionPipeline.from_pretrained(sd_controlnet_export)  # the class the export was made with
+    pipe.set_progress_bar_config(disable=True)
+    assert isinstance(pipe, AOTStableDiffusionControlNetPipeline)
+    reference = eager_controlnet(tiny, "controlnet")
+    calls = [
+        {},
+        {"controlnet_conditioning_scale": 0.5, "control_guidance_start": 0.25, "control_guidance_end": 0.75},
+        {"guess_mode": True, "guidance_scale": 3.0},  # the ControlNet on the conditional half, scales ramped
+    ]
+    for call in calls:
+        close(run_pipe(pipe, image=picture(), **call), run_pipe(reference, image=picture(), **call))
+    # The scale is a graph input, not a constant: off, the image is the plain UNet's.
+    off = run_pipe(pipe, image=picture(), controlnet_conditioning_scale=0.0)
+    assert np.abs(off - run_pipe(pipe, image=picture())).max() > 1e-2
+    close(off, run_pipe(reference, image=picture(), controlnet_conditioning_scale=0.0))
+    # Two prompts, a conditioning image each: chunks of the compiled batch, each with its image.
+    two = {"prompt": ["a red house", "a blue car"], "image": [picture(seed=1), picture(seed=2)]}
+    two.update(num_inference_steps=3, output_type="np")
+    close(pipe(**two, generator=seeds(0, 1)).images, reference(**two, generator=seeds(0, 1)).images)
+    with pytest.raises(
+        ValueError, match=r"`image` is 32x32 \(width x height\) but this pipeline was compiled for 64x64"
+    ):
+        run_pipe(pipe, image=picture(size=32))
+
+
+def test_multi_controlnet_matches_eager(sd_multi_controlnet_export, tiny):
+    pipe = load(AOTStableDiffusionControlNetPipeline, sd_multi_controlnet_export)
+    reference = eager_controlnet(tiny, "controlnet", "controlnet-2")
+    images = [picture(seed=1), picture(seed=2)]  # one per ControlNet
+    for call in ({}, {"controlnet_conditioning_scale": [0.7, 1.3], "control_guidance_start": [0.0, 0.3],
+                      "control_guidance_end": [1.0, 0.8]}):  # fmt: skip
+        close(run_pipe(pipe, image=images, **call), run_pipe(reference, image=images, **call))
+    # Two prompts: `image` stays one per ControlNet, for both.
+    two = {"prompt": ["a red house", "a blue car"], "image": images, "num_inference_steps": 3, "output_type": "np"}
+    close(pipe(**two, generator=seeds(0, 1)).images, reference(**two, generator=seeds(0, 1)).images)
+
+
+def test_generate_with_a_control_image(sd_controlnet_export, tiny, tmp_path):
+    picture().save(tmp_path / "edges.png")
+    out = tmp_path / "out"
+    cli("generate", str(sd_controlnet_export), "a red house", "--control-image", str(tmp_path / "edges.png"),
+        "--controlnet-conditioning-scale", "0.8", "--steps", "4", "--output", str(out))  # fmt: skip
+    expected = eager_controlnet(tiny, "controlnet")(
+        "a red house", image=picture(), num_inference_steps=4, controlnet_conditioning_scale=0.8,
+        generator=torch.Generator().manual_seed(0),
+    ).images[0]  # fmt: skip
+    png = np.asarray(Image.open(out / "seed0-0.png"), dtype=np.int16)
+    assert np.abs(png - np.asarray(expected, dtype=np.int16)).max() <= 1  # 8-bit rounding of fp32 sums
+    refusals = [
+        ([], r"This export has 1 ControlNet\(s\): pass --control-image once per ControlNet, got it 0 time"),
+        (["--image", str(tmp_path / "edges.png")], r"pass --control-image, not --image"),
+    ]
+    for flags, message in refusals:
+        refused = cli("generate", str(sd_controlnet_export), "a red house", *flags, check=False)
+        assert refused.returncode != 0 and re.search(message, refused.stderr), refused.stderr
