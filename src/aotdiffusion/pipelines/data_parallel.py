@@ -22,10 +22,12 @@ def replica(folder: str, class_name: str, *, device: str | None = None):
     # The parent process loaded this export first and made the trust decision (trust_remote_code) then.
     pipe = PIPELINES[class_name].from_pretrained(folder, device=device, trust_remote_code=True)
     pipe.set_progress_bar_config(disable=True)
-    return lambda request, report: _run(pipe, **request)
+    return lambda request, report: _run(pipe, report, **request)
 
 
-def _run(pipe, *, scheduler: tuple[str, dict], generator_states: list[torch.Tensor] | None, call: dict[str, Any]):
+def _run(
+    pipe, report, *, scheduler: tuple[str, dict], generator_states: list[torch.Tensor] | None, call: dict[str, Any]
+):
     import diffusers
 
     name, config = scheduler
@@ -34,6 +36,13 @@ def _run(pipe, *, scheduler: tuple[str, dict], generator_states: list[torch.Tens
     if generator_states is not None:
         generators = [torch.Generator().set_state(state) for state in generator_states]
         call["generator"] = generators if len(generators) > 1 else generators[0]
+
+    def on_step(pipe, step: int, timestep, tensors: dict) -> dict:
+        # Each step reports back, which is where the pool's cancel (a sibling replica failed) stops this call.
+        report({"step": step + 1, "total": pipe.num_timesteps})
+        return tensors
+
+    call["callback_on_step_end"] = on_step  # split_call refuses a caller's own callback
     return pipe(**call)
 
 

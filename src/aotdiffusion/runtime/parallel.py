@@ -24,7 +24,7 @@ import subprocess
 import sys
 import threading
 from collections.abc import Callable, Sequence
-from multiprocessing.connection import Connection
+from multiprocessing.connection import Connection, wait
 from typing import Any
 
 import torch
@@ -32,6 +32,13 @@ import torch
 Device = Sequence[int] | str
 # How long a replica may take to stop when the pool closes before it is killed.
 _STOP_TIMEOUT_S = 10
+# Sent to a replica whose request is no longer wanted (another replica of the same call failed): it
+# stops at its next progress report instead of finishing work nobody will read.
+_CANCEL = "cancel"
+
+
+class _Cancelled(Exception):
+    pass
 
 
 class ReplicaError(RuntimeError):
@@ -86,13 +93,24 @@ def _worker(conn: Connection, factory: str, args: list, device: Device) -> None:
     except Exception as error:  # the parent re-raises it with the replica's device
         _send(conn, ("error", error))
         return
+
+    def report(message: Any) -> None:
+        # Mid-request the pool sends nothing but a cancel, so anything waiting is one.
+        if conn.poll() and _recv(conn) == _CANCEL:
+            raise _Cancelled
+        _send(conn, ("progress", message))
+
     try:
         while True:
             request = _recv(conn)
             if request is None:
                 return
+            if request == _CANCEL:  # it came after this replica had already answered: nothing to stop
+                continue
             try:
-                result = ("ok", serve(request, lambda message: _send(conn, ("progress", message))))
+                result = ("ok", serve(request, report))
+            except _Cancelled:
+                result = ("cancelled", None)
             except ConnectionError:  # our own pipe broke while reporting progress
                 raise
             except Exception as error:
@@ -129,19 +147,34 @@ class _Replica:
         except OSError as error:
             raise ReplicaError(f"The replica on {self.device} died ({self._exit()}).") from error
 
+    def message(self) -> tuple[str, Any]:
+        """The replica's next message: ``(status, value)``, status one of progress, ok, error, cancelled."""
+        try:
+            return _recv(self.conn)
+        except (EOFError, OSError) as error:
+            raise ReplicaError(f"The replica on {self.device} died ({self._exit()}).") from error
+
     def receive(self, on_progress: Callable[[Any], None] | None = None) -> Any:
         while True:
-            try:
-                status, value = _recv(self.conn)
-            except (EOFError, OSError) as error:
-                raise ReplicaError(f"The replica on {self.device} died ({self._exit()}).") from error
+            status, value = self.message()
             if status == "progress":
                 if on_progress is not None:
                     on_progress(value)
                 continue
             if status == "error":
-                raise ReplicaError(f"The replica on {self.device} failed: {value}") from value
+                raise self.failed(value)
             return value
+
+    def failed(self, error: BaseException) -> ReplicaError:
+        failure = ReplicaError(f"The replica on {self.device} failed: {error}")
+        failure.__cause__ = error
+        return failure
+
+    def cancel(self) -> None:
+        try:
+            _send(self.conn, _CANCEL)
+        except OSError:
+            pass  # it died too; reading its answer says so
 
     def alive(self) -> bool:
         return self.process.poll() is None
@@ -224,14 +257,11 @@ class ReplicaPool:
                 replicas = [self._live(r) for r in range(len(batch))]
                 for (_, request), replica in zip(batch, replicas):
                     replica.send(request)
-                failures = []
-                for (i, _), replica in zip(batch, replicas):
-                    try:  # every replica's answer is read, so none is left in its pipe for the next call
-                        results[i] = replica.receive()
-                    except ReplicaError as error:
-                        failures.append(error)
-                if failures:
-                    raise failures[0]
+                answers, failure = _gather(dict(zip((i for i, _ in batch), replicas)))
+                if failure is not None:
+                    raise failure
+                for i, answer in answers.items():
+                    results[i] = answer
             finally:
                 for lock in with_locks:
                     lock.release()
@@ -247,6 +277,35 @@ class ReplicaPool:
             self.close()
         except Exception:
             pass
+
+
+def _gather(running: dict[int, _Replica]) -> tuple[dict[int, Any], ReplicaError | None]:
+    """Every running replica's answer, read as they come; the first failure cancels the others.
+
+    A replica that died or raised fails the call at once instead of after its siblings finish; each
+    sibling is still read to its last message (answer or "cancelled"), so none is left in its pipe
+    for the next call.
+    """
+    answers: dict[int, Any] = {}
+    failure: ReplicaError | None = None
+    waiting = {replica.conn: (i, replica) for i, replica in running.items()}
+    while waiting:
+        for conn in wait(list(waiting)):
+            i, replica = waiting[conn]
+            try:
+                status, value = replica.message()
+            except ReplicaError as died:
+                status, value = "died", died
+            if status == "progress":
+                continue
+            del waiting[conn]
+            if status == "ok":
+                answers[i] = value
+            elif status in ("error", "died") and failure is None:
+                failure = value if status == "died" else replica.failed(value)
+                for _, other in waiting.values():
+                    other.cancel()
+    return answers, failure
 
 
 if __name__ == "__main__":  # a replica process, started by ReplicaPool
