@@ -62,6 +62,19 @@ def close(actual, expected, atol=ATOL):
     np.testing.assert_allclose(actual, expected, atol=atol, rtol=0)
 
 
+def png_close(path, expected: Image.Image) -> None:
+    """The CLI's PNG equals the eager pipeline's image within one 8-bit level (the rounding of fp32 sums)."""
+    png = np.asarray(Image.open(path), dtype=np.int16)
+    assert np.abs(png - np.asarray(expected, dtype=np.int16)).max() <= 1
+
+
+def refused(export, prompt: str, refusals: list[tuple[list[str], str]]) -> None:
+    """Each ``generate`` call with these flags fails with a message matching the pattern."""
+    for flags, message in refusals:
+        result = cli("generate", str(export), prompt, *flags, check=False)
+        assert result.returncode != 0 and re.search(message, result.stderr), result.stderr
+
+
 @pytest.mark.parametrize("strength", [0.3, 0.6, 0.9])
 def test_img2img(sd_fp32, tiny, strength):
     reference = eager("sd", tiny, StableDiffusionImg2ImgPipeline)
@@ -274,15 +287,12 @@ def test_instruct_pix2pix_matches_eager(sd_pix2pix_export, tiny, tmp_path):
         "make it winter", image=picture(), num_inference_steps=4, image_guidance_scale=1.2,
         generator=torch.Generator().manual_seed(0),
     ).images[0]  # fmt: skip
-    png = np.asarray(Image.open(out / "seed0-0.png"), dtype=np.int16)
-    assert np.abs(png - np.asarray(expected, dtype=np.int16)).max() <= 1  # 8-bit rounding of fp32 sums
+    png_close(out / "seed0-0.png", expected)
     refusals = [
         ([], "edits an input image as the prompt says.*pass --image"),
         (["--image", str(tmp_path / "in.png"), "--strength", "0.5"], "has no --strength"),
     ]
-    for flags, message in refusals:
-        refused = cli("generate", str(sd_pix2pix_export), "make it winter", *flags, check=False)
-        assert refused.returncode != 0 and re.search(message, refused.stderr), refused.stderr
+    refused(sd_pix2pix_export, "make it winter", refusals)
 
 
 def test_sdxl_instruct_pix2pix_matches_eager(sdxl_pix2pix_export, tiny):

@@ -597,58 +597,52 @@ def _serve_on_ray(args: argparse.Namespace) -> None:
 
 
 def _generate_prompts(args: argparse.Namespace) -> None:
+    from .export.lora import parse_lora
+
     if args.prompt is not None:
         raise ValueError("Give either a prompt or --prompts FILE, not both.")
     if args.replicas < 1:
         raise ValueError(f"--replicas must be at least 1, got {args.replicas}.")
-    if not args.ray:
-        return _generate_prompts_here(args)
-    if args.lora:
+    if not args.ray and args.replicas != 1:
+        raise ValueError(f"--replicas {args.replicas} runs pipeline actors on Ray: add --ray, or leave it out.")
+    if args.ray and args.lora:
         raise ValueError(
             "--lora with --prompts --ray is not supported: write an export with the LoRA fused "
             "(aotdiffusion export --reuse-compiled EXPORT --lora LORA OUT) and generate from it."
         )
-    _ray_init(args)
-    from .serve import offline
-
-    start = time.perf_counter()
-    records = offline.generate(
-        args.model,
-        args.prompts,
-        args.output,
-        replicas=args.replicas,
-        num_cpus=args.num_cpus,
-        num_gpus=args.num_gpus,
-        seed=args.seed,
-        negative_prompt=args.negative_prompt,
-        steps=args.steps,
-        guidance_scale=args.guidance_scale,
-        trust_remote_code=args.trust_remote_code,
-    )
-    count = sum(1 for _ in records.open())
-    print(f"{count} image(s) in {time.perf_counter() - start:.1f}s; prompts, seeds and paths in {records}")
-
-
-def _generate_prompts_here(args: argparse.Namespace) -> None:
-    from .export.lora import parse_lora
-    from .serve import offline
-
-    if args.replicas != 1:
-        raise ValueError(f"--replicas {args.replicas} runs pipeline actors on Ray: add --ray, or leave it out.")
     loras = [parse_lora(lora) for lora in args.lora]  # bad scales fail before anything loads
+    from .serve import offline
+
+    # The same files and images.jsonl either way: Ray Data actors, or one compiled batch after another here.
+    common = {
+        "seed": args.seed,
+        "negative_prompt": args.negative_prompt,
+        "steps": args.steps,
+        "guidance_scale": args.guidance_scale,
+        "trust_remote_code": args.trust_remote_code,
+    }
+    if args.ray:
+        _ray_init(args)
     start = time.perf_counter()
-    records = offline.generate_here(
-        args.model,
-        args.prompts,
-        args.output,
-        seed=args.seed,
-        negative_prompt=args.negative_prompt,
-        steps=args.steps,
-        guidance_scale=args.guidance_scale,
-        trust_remote_code=args.trust_remote_code,
-        loras=loras,
-        progress=lambda done, total: print(f"{done}/{total} prompts", flush=True),
-    )
+    if args.ray:
+        records = offline.generate(
+            args.model,
+            args.prompts,
+            args.output,
+            replicas=args.replicas,
+            num_cpus=args.num_cpus,
+            num_gpus=args.num_gpus,
+            **common,
+        )
+    else:
+        records = offline.generate_here(
+            args.model,
+            args.prompts,
+            args.output,
+            loras=loras,
+            progress=lambda done, total: print(f"{done}/{total} prompts", flush=True),
+            **common,
+        )
     count = sum(1 for _ in records.open())
     print(f"{count} image(s) in {time.perf_counter() - start:.1f}s; prompts, seeds and paths in {records}")
 

@@ -191,16 +191,8 @@ def tiny_stable_diffusion_xl_instruct_pix2pix(seed: int = 0):
     """SDXL InstructPix2Pix: SDXL base's parts, the UNet taking 8 channels."""
     from diffusers import StableDiffusionXLInstructPix2PixPipeline
 
-    tokenizer = tiny_clip_tokenizer()
     return StableDiffusionXLInstructPix2PixPipeline(
-        vae=_tiny_vae(seed, force_upcast=True, scaling_factor=0.13025),
-        text_encoder=_tiny_text_encoder(seed, tokenizer),
-        text_encoder_2=_tiny_text_encoder(seed + 1, tokenizer, with_projection=True),
-        tokenizer=tokenizer,
-        tokenizer_2=tokenizer,
-        unet=_tiny_sdxl_unet(seed, text_embeds_dim=32, time_ids=6, in_channels=8),
-        scheduler=_sdxl_scheduler(),
-        add_watermarker=False,
+        **_sdxl_parts(seed, _tiny_sdxl_unet(seed, text_embeds_dim=32, time_ids=6, in_channels=8))
     )
 
 
@@ -262,14 +254,18 @@ def tiny_stable_diffusion_xl(seed: int = 0):
     """SDXL base: two text encoders (the second with projection), micro-conditioning time ids."""
     from diffusers import StableDiffusionXLPipeline
 
+    return StableDiffusionXLPipeline(**_sdxl_parts(seed, _tiny_sdxl_unet(seed, text_embeds_dim=32, time_ids=6)))
+
+
+def _sdxl_parts(seed: int, unet) -> dict:
     tokenizer = tiny_clip_tokenizer()
-    return StableDiffusionXLPipeline(
+    return dict(
         vae=_tiny_vae(seed, force_upcast=True, scaling_factor=0.13025),
         text_encoder=_tiny_text_encoder(seed, tokenizer),
         text_encoder_2=_tiny_text_encoder(seed + 1, tokenizer, with_projection=True),
         tokenizer=tokenizer,
         tokenizer_2=tokenizer,
-        unet=_tiny_sdxl_unet(seed, text_embeds_dim=32, time_ids=6),
+        unet=unet,
         scheduler=_sdxl_scheduler(),
         add_watermarker=False,
     )
