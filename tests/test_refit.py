@@ -89,6 +89,27 @@ def test_new_weights_without_compiling_match_eager(tiny_sd_b, eager_b, sd_fp32, 
     assert _manifest(out, "unet")["files"][str(artifact.weights_file(unet))]["sha256"] == checksums.sha256_file(blob)
 
 
+def test_a_bf16_export_takes_new_weights_too(tiny_sd, tiny_sd_b, eager_b, sd_bf16_cli, load, tmp_path):
+    """bf16 matmuls (AMX's fast type, so auto's pick there): the compile read bf16 copies of the weights, and the
+    refit program casts new weights the same way: the export's own weights give its blob byte for byte, new
+    ones pass validation at bf16's tolerance and are what runs."""
+    from aotdiffusion.export.precision import RELATIVE_TOLERANCE
+
+    bf16 = sd_bf16_cli[0]
+    for component in artifact.read_pipeline_index(bf16)[1]["components"]:
+        record = _manifest(bf16, component)["refit"]
+        assert record["available"] and record["weight"] > 0, (component, record)  # bf16 weights read as they are
+    same = tmp_path / "same"
+    AOTStableDiffusionPipeline.export(tiny_sd, same, reuse_compiled=bf16, validate=False)
+    for component in ("text_encoder", "unet", "vae_decoder"):
+        assert _blob(same, component) == _blob(bf16, component), component
+    out = tmp_path / "b"
+    for result in AOTStableDiffusionPipeline.export(tiny_sd_b, out, reuse_compiled=bf16):
+        assert result.validation.max_rel_error < RELATIVE_TOLERANCE[torch.bfloat16], result
+    images, reference, old = run_pipe(load(out)), run_pipe(eager_b), run_pipe(load(bf16))
+    assert np.abs(images - reference).max() < np.abs(old - reference).max()
+
+
 def test_reuse_through_the_cli_with_winograd(tiny_sd_b, eager_b, sd_winograd, load, tmp_path):
     out = tmp_path / "b-winograd"
     result = cli("export", "--model", str(tiny_sd_b), "--reuse-compiled", str(sd_winograd), "--disable-validation",

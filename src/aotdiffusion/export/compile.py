@@ -150,23 +150,24 @@ def compile_component(
         if not reused:
             with refit.recording() as recorder:
                 _compile(spec, options, program, package)
-    if not reused:
-        # Stored unpacked: a load then opens the library and reads the weights where they lie.
-        artifact.unpack_package(package, package_dir)
-        package.unlink()
-        blob = artifact.weights_file(folder)
-        if quantization is not None:  # int8 repacks are registered by a pass whose constants are not recorded
-            refit.write_unavailable(package_dir, "its int8 weights and scales come from calibrating this model's "
-                                    "activations: export the new weights with --quantize int8")  # fmt: skip
-        else:
-            refit.write_program(recorder, program, package_dir, folder / blob if blob else None)
-        del recorder
-        digests = {
-            str(path.relative_to(artifact.PACKAGE_DIR)): checksums.sha256_file(folder / path)
-            for path in artifact.package_files(folder)
-        }
-        if cache_key is not None:
-            compile_cache.store(cache_key, package_dir, digests)
+            # Still inside low_precision_weights: the refit program matches the compiled constants to the weights
+            # they came from by address, and a bf16/fp16 component's are the low-precision copies made for it.
+            # Stored unpacked: a load then opens the library and reads the weights where they lie.
+            artifact.unpack_package(package, package_dir)
+            package.unlink()
+            blob = artifact.weights_file(folder)
+            if quantization is not None:  # int8 repacks are registered by a pass whose constants are not recorded
+                refit.write_unavailable(package_dir, "its int8 weights and scales come from calibrating this model's "
+                                        "activations: export the new weights with --quantize int8")  # fmt: skip
+            else:
+                refit.write_program(recorder, program, package_dir, folder / blob if blob else None)
+            del recorder
+            digests = {
+                str(path.relative_to(artifact.PACKAGE_DIR)): checksums.sha256_file(folder / path)
+                for path in artifact.package_files(folder)
+            }
+            if cache_key is not None:
+                compile_cache.store(cache_key, package_dir, digests)
     del program
     compiled = time.perf_counter()
     if quantization is not None:
