@@ -257,26 +257,19 @@ def export_pipeline(
                 if quantizable and choice.ranked[0] != INT8:
                     log(f"{step}: int8 is not faster than {choice.ranked[0]} on this {options.device}: not quantized")
                 tries = [_options_for(options, name) for name in choice.ranked]
-            linear_choice = None
-            if options.fp32_linear == "auto" and any(_computes_in_fp32(t) for t in tries):
-                linear_choice = choose_fp32_linear(spec, options.device, ops=ops, reuse=compile_cache)
-                if linear_choice is not None:
-                    log(f"{step}: {linear_choice.describe()}")
-            tries = [_with_fp32_linear(t, linear_choice) for t in tries]
-            conv_choice = None
-            if options.conv_algorithm != "direct" and any(_computes_in_fp32(t) for t in tries):
-                ops = ops or dominant_ops(spec)
-                if options.device == "cpu" and winograd.eligible_ops(ops[0]):
-                    log(f"{step}: timing its 3x3 convolutions direct and as Winograd on this {options.device}")
-                    force = options.conv_algorithm == "winograd"
-                    conv_choice = winograd.choose(ops[0], options.device, force=force, reuse=compile_cache)
-                    log(f"{step}: {conv_choice.describe()}")
-            tries = [with_convs for t in tries for with_convs in _with_conv_choice(t, conv_choice)]
-            for attempt, spec_options in enumerate(tries):
-                manifest, report = _compile_and_validate(spec, spec_options, folder / spec.name, step, validate, log,
-                                                         compile_fn, last=attempt == len(tries) - 1)  # fmt: skip
+            fp32 = _Fp32Kernels(spec, options, ops, step, log, compile_cache)
+            manifest = None
+            for attempt, candidate in enumerate(tries):
+                variants = fp32.options(candidate)
+                for spec_options in variants:
+                    last = attempt == len(tries) - 1 and spec_options is variants[-1]
+                    manifest, report = _compile_and_validate(spec, spec_options, folder / spec.name, step, validate,
+                                                             log, compile_fn, last=last)  # fmt: skip
+                    if manifest is not None:
+                        break
                 if manifest is not None:
                     break
+            linear_choice, conv_choice = fp32.linear, fp32.conv
             if choice is not None:
                 chosen[spec.name] = INT8 if spec_options.quantize == INT8 else spec_options.precision.auto_cast_type
                 manifest["precision_choice"] = {**choice.to_dict(), "chosen": chosen[spec.name]}
@@ -305,6 +298,38 @@ def export_pipeline(
     remember_checksums(output, hashed)
     log(summary_table(results))
     return results
+
+
+class _Fp32Kernels:
+    """A component's fp32 kernel choices (MKL or oneDNN linears, direct or Winograd 3x3 convolutions), timed the
+    first time an fp32 candidate is about to compile: where a faster type validates, nothing is timed for fp32."""
+
+    def __init__(self, spec: ComponentSpec, options: CompilerOptions, ops, step: str, log, cache) -> None:
+        self.spec, self.base, self.ops, self.step, self.log, self.cache = spec, options, ops, step, log, cache
+        self.linear: LinearChoice | None = None
+        self.conv: winograd.ConvChoice | None = None
+        self.timed = False
+
+    def options(self, candidate: CompilerOptions) -> list[CompilerOptions]:
+        """The candidate's options with these choices resolved: Winograd first where it timed faster, then direct."""
+        if _computes_in_fp32(candidate) and not self.timed:
+            self.timed = True
+            self._time()
+        return _with_conv_choice(_with_fp32_linear(candidate, self.linear), self.conv)
+
+    def _time(self) -> None:
+        spec, options, step, device = self.spec, self.base, self.step, self.base.device
+        if options.fp32_linear == "auto":
+            self.linear = choose_fp32_linear(spec, device, ops=self.ops, reuse=self.cache)
+            if self.linear is not None:
+                self.log(f"{step}: {self.linear.describe()}")
+        if options.conv_algorithm != "direct":
+            self.ops = self.ops or dominant_ops(spec)
+            if device == "cpu" and winograd.eligible_ops(self.ops[0]):
+                self.log(f"{step}: timing its 3x3 convolutions direct and as Winograd on this {device}")
+                force = options.conv_algorithm == "winograd"
+                self.conv = winograd.choose(self.ops[0], device, force=force, reuse=self.cache)
+                self.log(f"{step}: {self.conv.describe()}")
 
 
 def _options_for(options: CompilerOptions, candidate: str) -> CompilerOptions:
