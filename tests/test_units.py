@@ -34,11 +34,23 @@ def test_height_not_divisible_suggests_valid_sizes():
 
 
 def test_precision_rejects_unknown_values():
-    with pytest.raises(ValueError, match=r"`auto_cast` must be one of \('none', 'matmul', 'all'\), got 'fp8'"):
+    with pytest.raises(ValueError, match=r"`auto_cast` must be one of \('auto', 'none', 'matmul', 'all'\), got 'fp8'"):
         Precision("fp8")
     with pytest.raises(ValueError, match="`auto_cast_type` must be one of"):
         Precision("matmul", "int8")
     assert Precision("none", "bf16").low_dtype == torch.float32
+
+
+def test_auto_cast_auto_compiles_all_ops_first_then_matmuls_only():
+    assert Precision().auto_cast == "auto"  # the default
+    assert Precision("auto", "bf16").compiled_in() == [Precision("all", "bf16"), Precision("matmul", "bf16")]
+    assert Precision("auto", "fp32").compiled_in() == [Precision("none", "fp32")]
+    assert Precision("all", "fp16").compiled_in() == [Precision("all", "fp16")]  # an explicit scope is obeyed
+    assert Precision("matmul", "bf16").compiled_in() == [Precision("matmul", "bf16")]
+    with pytest.raises(ValueError, match="has no type until the export has measured one"):
+        Precision().compiled_in()
+    with pytest.raises(ValueError, match="names two scopes"):
+        PrecisionWrapper(torch.nn.Identity(), Precision("auto", "bf16"))
 
 
 class _ConvNormLinear(torch.nn.Module):

@@ -69,9 +69,10 @@ def _parser() -> argparse.ArgumentParser:
     _flag(
         export,
         "auto-cast",
-        default="matmul",
-        choices=["none", "matmul", "all"],
-        help="which operations run in --auto-cast-type: none, matmul (matmul/conv/attention; default) or all",
+        default="auto",
+        choices=["auto", "none", "matmul", "all"],
+        help="which operations run in --auto-cast-type: none, matmul (matmul/conv/attention), all, or auto "
+        "(default): all, and matmul for a component that fails validation in all",
     )
     _flag(
         export,
@@ -301,9 +302,9 @@ def _parser() -> argparse.ArgumentParser:
     _flag(
         bench,
         "auto-cast",
-        default="matmul",
-        choices=["none", "matmul", "all"],
-        help="for the export (default: matmul, type chosen by measurement)",
+        default="auto",
+        choices=["auto", "none", "matmul", "all"],
+        help="for the export (default: auto, as the export's; the type is chosen by measurement)",
     )
     _flag(bench, "compile-mode", help="torch.compile mode for the compile-* variants (e.g. max-autotune)")
     bench.add_argument("output", type=Path, nargs="?", default=Path("bench-results"))

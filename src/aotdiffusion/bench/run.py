@@ -41,7 +41,7 @@ class BenchConfig:
     aot_dir: str | None = None  # an existing export to reuse; exported into the output folder otherwise
     # The int8 variants' export (--quantize int8); default: beside the float one, its name + "-int8".
     aot_int8_dir: str | None = None
-    auto_cast: str = "matmul"  # with the export's default --auto-cast-type auto: the type is measured
+    auto_cast: str = "auto"  # with the export's default --auto-cast-type auto: the type is measured
     compile_mode: str | None = None
     output_dir: str = "bench-results"
 

@@ -244,8 +244,9 @@ def export_pipeline(
             if quantizable and spec.role != "unet":
                 spec.calibration = _shallow_calibration(next(s for s in specs if s.role == "unet"))
             choice = ops = None
-            tries = [replace(options, quantize="none")]
-            if options.precision.is_auto or quantizable:
+            if not (options.precision.is_auto or quantizable):
+                tries = _compiled_in(replace(options, quantize="none"))
+            else:
                 ops = dominant_ops(spec)  # traced once on fake tensors, for both timings below
                 only = None  # auto: every float type; else int8 is timed against the one the user asked for
                 if not options.precision.is_auto:
@@ -256,7 +257,7 @@ def export_pipeline(
                 log(f"{step}: {choice.describe()}")
                 if quantizable and choice.ranked[0] != INT8:
                     log(f"{step}: int8 is not faster than {choice.ranked[0]} on this {options.device}: not quantized")
-                tries = [_options_for(options, name) for name in choice.ranked]
+                tries = [scoped for name in choice.ranked for scoped in _compiled_in(_options_for(options, name))]
             fp32 = _Fp32Kernels(spec, options, ops, step, log, compile_cache)
             manifest = None
             for attempt, candidate in enumerate(tries):
@@ -339,6 +340,12 @@ def _options_for(options: CompilerOptions, candidate: str) -> CompilerOptions:
     return replace(options, precision=options.precision.resolved(candidate), quantize="none")
 
 
+def _compiled_in(options: CompilerOptions) -> list[CompilerOptions]:
+    """The options to compile in turn, each next one where the one before fails validation: ``--auto-cast
+    auto`` is every operation in the low type, then matmul/conv/attention only (export/precision.py)."""
+    return [replace(options, precision=precision) for precision in options.precision.compiled_in()]
+
+
 def _computes_in_fp32(options: CompilerOptions) -> bool:
     return options.quantize == "none" and options.precision.low_dtype == torch.float32
 
@@ -402,8 +409,7 @@ def _compile_and_validate(
     except ValidationError as error:
         if last:
             raise
-        kind = INT8 if int8 else options.precision.auto_cast_type
-        log(f"{step}: {kind} fails validation ({error}); trying the next fastest type")
+        log(f"{step}: {describe} fails validation ({error}); trying the next candidate")
         del compiled
         shutil.rmtree(folder)
         return None, None

@@ -7,6 +7,11 @@
   residual additions, softmax outside SDPA and the timestep embedding stay in fp32. This is where
   AMX and tensor cores earn their speed while accumulation-sensitive work keeps fp32 range.
 * ``all``    the weights and every operation run in ``auto_cast_type``.
+* ``auto``   (the default) ``all`` where the component passes validation in it, else ``matmul``. ``all`` runs
+  the same matmul kernels in the same type and moves half the bytes through normalizations, activations
+  and residuals, with no casts between them: measured on an AMX Xeon (full-size SD 1.5, bf16), the VAE
+  decoder 1.6x faster than under ``matmul`` at the same error, the UNet level (2%). So it is compiled
+  first, and ``matmul`` only for a component whose ``all`` graph fails validation.
 
 In every mode a compiled component takes fp32 inputs and returns fp32 outputs, so diffusers'
 scheduler arithmetic, guidance and image post-processing always run in fp32.
@@ -24,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-AUTO_CAST_MODES = ("none", "matmul", "all")
+AUTO_CAST_MODES = ("auto", "none", "matmul", "all")
 AUTO_CAST_TYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 # Tolerances of validation, as the largest absolute error over the largest absolute reference value
@@ -72,13 +77,15 @@ _LOW_PRECISION_ATEN = {
 }
 
 
-# `auto`: each component's type is chosen at export by timing the candidates (export/choose_precision.py).
+# `auto` type: each component's type is chosen at export by timing the candidates (export/choose_precision.py).
+# `auto` scope: all, else matmul (above).
 AUTO = "auto"
+_SCOPE = {"matmul": "matmul/conv/attention", "all": "all ops", AUTO: "all ops, else matmul/conv/attention"}
 
 
 @dataclass(frozen=True)
 class Precision:
-    auto_cast: str = "matmul"
+    auto_cast: str = AUTO
     auto_cast_type: str = AUTO
 
     def __post_init__(self) -> None:
@@ -97,6 +104,17 @@ class Precision:
     def resolved(self, auto_cast_type: str) -> Precision:
         return Precision(self.auto_cast, auto_cast_type)
 
+    def compiled_in(self) -> list[Precision]:
+        """What a component of this precision is compiled in, in the order to try: ``auto`` is ``all`` then
+        ``matmul`` (the second where the first fails validation); fp32 is fp32 whatever the scope."""
+        if self.is_auto:
+            raise ValueError("auto_cast_type 'auto' has no type until the export has measured one (resolved()).")
+        if self.low_dtype == torch.float32:
+            return [self if self.auto_cast != AUTO else Precision("none", "fp32")]
+        if self.auto_cast == AUTO:
+            return [Precision("all", self.auto_cast_type), Precision("matmul", self.auto_cast_type)]
+        return [self]
+
     @property
     def low_dtype(self) -> torch.dtype:
         """The narrowest type any operation runs in."""
@@ -112,11 +130,10 @@ class Precision:
 
     def describe(self) -> str:
         if self.is_auto:
-            scope = "matmul/conv/attention" if self.auto_cast == "matmul" else "all ops"
-            return f"type chosen per component by timing fp32/bf16/fp16 on this machine ({scope})"
+            return f"type chosen per component by timing fp32/bf16/fp16 on this machine ({_SCOPE[self.auto_cast]})"
         if self.low_dtype == torch.float32:
             return "fp32"
-        return f"{self.auto_cast_type} ({'matmul/conv/attention' if self.auto_cast == 'matmul' else 'all ops'})"
+        return f"{self.auto_cast_type} ({_SCOPE[self.auto_cast]})"
 
     def to_dict(self) -> dict[str, str]:
         return {"auto_cast": self.auto_cast, "auto_cast_type": self.auto_cast_type}
@@ -156,6 +173,7 @@ def low_precision_weights(module: torch.nn.Module, precision: Precision):
     The fp32 tensors come back afterwards, so the caller's module stays the eager fp32 reference
     without a second copy of the model in memory.
     """
+    _compilable(precision)
     if precision.low_dtype == torch.float32:
         yield module
         return
@@ -174,6 +192,12 @@ def low_precision_weights(module: torch.nn.Module, precision: Precision):
             tensor.data = data
 
 
+def _compilable(precision: Precision) -> Precision:
+    if precision.auto_cast == AUTO and precision.low_dtype != torch.float32:
+        raise ValueError(f"{precision} names two scopes: compile each of precision.compiled_in() in turn.")
+    return precision
+
+
 class PrecisionWrapper(torch.nn.Module):
     """Applies a :class:`Precision` around a traceable component, keeping its fp32 signature.
 
@@ -182,7 +206,7 @@ class PrecisionWrapper(torch.nn.Module):
 
     def __init__(self, module: torch.nn.Module, precision: Precision):
         super().__init__()
-        self.precision = precision
+        self.precision = _compilable(precision)
         self.module = module
 
     def forward(self, *args: torch.Tensor):

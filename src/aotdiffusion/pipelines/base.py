@@ -110,7 +110,7 @@ class AOTPipelineMixin:
         *,
         device: str = "cpu",
         # compiler arguments
-        auto_cast: str = "matmul",
+        auto_cast: str = "auto",
         auto_cast_type: str = "auto",
         validate: bool = True,
         freezing: bool = True,
