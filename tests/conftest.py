@@ -241,10 +241,11 @@ def sdxl_pix2pix_export(tiny, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 @built_once
 def sd_controlnet_export(tiny, tmp_path_factory) -> Path:
-    """SD with one ControlNet, by the CLI (--controlnet), text-to-image only."""
+    """SD with one ControlNet, by the CLI (--controlnet), with the VAE encoder: text-to-image, image-to-image and
+    inpainting over the same compiled parts."""
     out = tmp_path_factory.mktemp("exports") / "sd-controlnet"
     cli("export", "--model", str(tiny("sd")), "--controlnet", str(tiny("controlnet")), "--height", "64", "--width",
-        "64", "--auto-cast", "none", "--no-vae-encoder", str(out))  # fmt: skip
+        "64", "--auto-cast", "none", str(out))  # fmt: skip
     return out
 
 

@@ -6,15 +6,25 @@ import numpy as np
 import pytest
 import torch
 from conftest import cli, run_pipe
-from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
-from test_family import close, load, picture, png_close, refused
+from diffusers import (
+    ControlNetModel,
+    StableDiffusionControlNetImg2ImgPipeline,
+    StableDiffusionControlNetInpaintPipeline,
+    StableDiffusionControlNetPipeline,
+)
+from test_family import close, load, mask, picture, png_close, refused
 
-from aotdiffusion import AOTDiffusionPipeline, AOTStableDiffusionControlNetPipeline
+from aotdiffusion import (
+    AOTDiffusionPipeline,
+    AOTStableDiffusionControlNetImg2ImgPipeline,
+    AOTStableDiffusionControlNetInpaintPipeline,
+    AOTStableDiffusionControlNetPipeline,
+)
 
 
-def eager_controlnet(tiny, *kinds: str) -> StableDiffusionControlNetPipeline:
+def eager_controlnet(tiny, *kinds: str, cls=StableDiffusionControlNetPipeline):
     nets = [ControlNetModel.from_pretrained(tiny(kind)) for kind in kinds]
-    pipe = StableDiffusionControlNetPipeline.from_pretrained(
+    pipe = cls.from_pretrained(
         tiny("sd"), controlnet=nets[0] if len(nets) == 1 else nets, safety_checker=None, requires_safety_checker=False
     )
     pipe.set_progress_bar_config(disable=True)
@@ -51,6 +61,32 @@ def test_controlnet_matches_eager(sd_controlnet_export, tiny):
         run_pipe(pipe, image=picture(size=32))
 
 
+@pytest.mark.parametrize(
+    ("aot_cls", "eager_cls", "inputs"),
+    [
+        (AOTStableDiffusionControlNetImg2ImgPipeline, StableDiffusionControlNetImg2ImgPipeline, {"strength": 0.7}),
+        (AOTStableDiffusionControlNetInpaintPipeline, StableDiffusionControlNetInpaintPipeline, {"mask_image": mask()}),
+    ],
+    ids=["img2img", "inpaint"],
+)
+def test_controlnet_img2img_and_inpaint_match_eager(sd_controlnet_export, tiny, aot_cls, eager_cls, inputs):
+    """The same export's compiled parts as diffusers' ControlNet image-to-image and inpainting pipelines: the input
+    image is `image`, the condition `control_image`."""
+    pipe = load(aot_cls, sd_controlnet_export)
+    reference = eager_controlnet(tiny, "controlnet", cls=eager_cls)
+    call = {"image": picture(seed=3), "control_image": picture(), **inputs}
+    for extra in ({}, {"controlnet_conditioning_scale": 0.5, "guess_mode": True, "guidance_scale": 3.0}):
+        close(run_pipe(pipe, **call, **extra), run_pipe(reference, **call, **extra))
+    # Two prompts, an input image and a condition each: split into chunks together.
+    two = {**call, "prompt": ["a red house", "a blue car"], "num_inference_steps": 3, "output_type": "np"}
+    two.update(image=[picture(seed=3), picture(seed=4)], control_image=[picture(seed=1), picture(seed=2)])
+    close(pipe(**two, generator=seeds(0, 1)).images, reference(**two, generator=seeds(0, 1)).images)
+    with pytest.raises(
+        ValueError, match=r"`control_image` is 32x32 \(width x height\) but this pipeline was compiled for 64x64"
+    ):
+        run_pipe(pipe, **{**call, "control_image": picture(size=32)})
+
+
 def test_multi_controlnet_matches_eager(sd_multi_controlnet_export, tiny):
     pipe = load(AOTStableDiffusionControlNetPipeline, sd_multi_controlnet_export)
     reference = eager_controlnet(tiny, "controlnet", "controlnet-2")
@@ -73,8 +109,23 @@ def test_generate_with_a_control_image(sd_controlnet_export, tiny, tmp_path):
         generator=torch.Generator().manual_seed(0),
     ).images[0]  # fmt: skip
     png_close(out / "seed0-0.png", expected)
+    # With --image (and --mask-image): ControlNet image-to-image (inpainting), the condition still --control-image.
+    picture(seed=3).save(tmp_path / "photo.png")
+    mask().save(tmp_path / "mask.png")
+    inpaint = ["--mask-image", str(tmp_path / "mask.png")]
+    for flags, eager_cls, inputs in (
+        ([], StableDiffusionControlNetImg2ImgPipeline, {}),
+        (inpaint, StableDiffusionControlNetInpaintPipeline, {"mask_image": mask()}),
+    ):
+        cli("generate", str(sd_controlnet_export), "a red house", "--image", str(tmp_path / "photo.png"), *flags,
+            "--control-image", str(tmp_path / "edges.png"), "--steps", "4", "--output", str(out))  # fmt: skip
+        expected = eager_controlnet(tiny, "controlnet", cls=eager_cls)(
+            "a red house", image=picture(seed=3), control_image=picture(), num_inference_steps=4,
+            generator=torch.Generator().manual_seed(0), **inputs,
+        ).images[0]  # fmt: skip
+        png_close(out / "seed0-0.png", expected)
     refusals = [
         ([], r"This export has 1 ControlNet\(s\): pass --control-image once per ControlNet, got it 0 time"),
-        (["--image", str(tmp_path / "edges.png")], r"pass --control-image, not --image"),
+        (["--image", str(tmp_path / "edges.png")], r"pass --control-image once per ControlNet, got it 0 time"),
     ]
     refused(sd_controlnet_export, "a red house", refusals)

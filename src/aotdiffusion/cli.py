@@ -391,7 +391,9 @@ def _export(args: argparse.Namespace) -> None:
                     f"--controlnet compiles a Stable Diffusion 1.x/2.x ControlNet pipeline; {args.model} exports as "
                     f"{cls.__name__} (SDXL ControlNet is not supported yet)."
                 )
-            cls, controlnet = FAMILIES["stable-diffusion-controlnet"][0], {"controlnet": args.controlnet}
+            # The same task with ControlNets: an inpainting model exports as the ControlNet inpainting pipeline.
+            task = FAMILIES["stable-diffusion"].index(cls)
+            cls, controlnet = FAMILIES["stable-diffusion-controlnet"][task], {"controlnet": args.controlnet}
         cls.export(
             args.model,
             args.output,
@@ -438,7 +440,7 @@ def _generate(args: argparse.Namespace) -> None:
     if args.mask_image is not None and args.image is None:
         raise ValueError("--mask-image needs --image: inpainting repaints the masked part of an image.")
     if family_of(exported_cls) in CONTROLNET_FAMILIES:
-        _check_controlnet_flags(args, exported_cls, folder)
+        _check_controlnet_flags(args, folder)
     elif args.control_image or args.controlnet_conditioning_scale:
         raise ValueError(
             f"--control-image is for ControlNet exports (export --controlnet); this is a {exported_cls.__name__}."
@@ -483,7 +485,7 @@ def _generate(args: argparse.Namespace) -> None:
         call["image_guidance_scale"] = args.image_guidance_scale
     if args.control_image:
         images = [decode_image(path.read_bytes(), "--control-image") for path in args.control_image]
-        call["image"] = images[0] if len(images) == 1 else images
+        call[cls.condition_argument] = images[0] if len(images) == 1 else images
     if args.controlnet_conditioning_scale:
         scales = args.controlnet_conditioning_scale
         call["controlnet_conditioning_scale"] = scales[0] if len(scales) == 1 else scales
@@ -504,15 +506,13 @@ def _generate(args: argparse.Namespace) -> None:
         print(f"  {path}")
 
 
-def _check_controlnet_flags(args: argparse.Namespace, exported_cls: type, folder: Path) -> None:
-    """A ControlNet export takes one --control-image (and scale) per ControlNet, and no --image."""
+def _check_controlnet_flags(args: argparse.Namespace, folder: Path) -> None:
+    """A ControlNet export takes one --control-image (and scale) per ControlNet; --image (and --mask-image) make
+    it image-to-image (inpainting), the condition still from --control-image."""
     from . import artifact
 
     _, block = artifact.read_pipeline_index(folder)
     count = sum(1 for name in block["components"] if name.startswith("controlnet_"))
-    name = exported_cls.__name__
-    if args.image is not None or args.mask_image is not None:
-        raise ValueError(f"{name} generates from text and a conditioning image: pass --control-image, not --image.")
     scales = args.controlnet_conditioning_scale or []
     for flag, given in (("--control-image", args.control_image), ("--controlnet-conditioning-scale", scales)):
         if (given or flag == "--control-image") and len(given) != count:

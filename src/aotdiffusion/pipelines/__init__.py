@@ -1,6 +1,8 @@
 from .auto import AOTDiffusionPipeline
 from .latent_consistency import AOTLatentConsistencyModelPipeline
 from .stable_diffusion import (
+    AOTStableDiffusionControlNetImg2ImgPipeline,
+    AOTStableDiffusionControlNetInpaintPipeline,
     AOTStableDiffusionControlNetPipeline,
     AOTStableDiffusionImg2ImgPipeline,
     AOTStableDiffusionInpaintPipeline,
@@ -19,6 +21,8 @@ __all__ = [
     "AOTLatentConsistencyModelPipeline",
     "AOTStableDiffusionPipeline",
     "AOTStableDiffusionControlNetPipeline",
+    "AOTStableDiffusionControlNetImg2ImgPipeline",
+    "AOTStableDiffusionControlNetInpaintPipeline",
     "AOTStableDiffusionImg2ImgPipeline",
     "AOTStableDiffusionInpaintPipeline",
     "AOTStableDiffusionInstructPix2PixPipeline",

@@ -8,6 +8,8 @@ from typing import Any
 from .. import artifact
 from .latent_consistency import AOTLatentConsistencyModelPipeline
 from .stable_diffusion import (
+    AOTStableDiffusionControlNetImg2ImgPipeline,
+    AOTStableDiffusionControlNetInpaintPipeline,
     AOTStableDiffusionControlNetPipeline,
     AOTStableDiffusionImg2ImgPipeline,
     AOTStableDiffusionInpaintPipeline,
@@ -34,6 +36,8 @@ PIPELINES = {
         AOTStableDiffusionInstructPix2PixPipeline,
         AOTStableDiffusionXLInstructPix2PixPipeline,
         AOTStableDiffusionControlNetPipeline,
+        AOTStableDiffusionControlNetImg2ImgPipeline,
+        AOTStableDiffusionControlNetInpaintPipeline,
     )
 }
 # The diffusers class a model's model_index.json names -> the compiled class that exports it.
@@ -56,8 +60,13 @@ FAMILIES: dict[str, tuple[type, type | None, type | None]] = {
     "stable-diffusion-xl-instruct-pix2pix": (AOTStableDiffusionXLInstructPix2PixPipeline, None, None),
 }
 EDITING = ("instruct-pix2pix", "stable-diffusion-xl-instruct-pix2pix")
-# Text-to-image from a conditioning image (`image` is the ControlNet's condition): export with --controlnet.
-FAMILIES["stable-diffusion-controlnet"] = (AOTStableDiffusionControlNetPipeline, None, None)
+# Guided by conditioning images (export with --controlnet): text-to-image takes them as `image`, image-to-image and
+# inpainting as `control_image`.
+FAMILIES["stable-diffusion-controlnet"] = (
+    AOTStableDiffusionControlNetPipeline,
+    AOTStableDiffusionControlNetImg2ImgPipeline,
+    AOTStableDiffusionControlNetInpaintPipeline,
+)
 CONTROLNET_FAMILIES = ("stable-diffusion-controlnet",)
 
 

@@ -36,12 +36,13 @@ PER_PROMPT = (
     "image",
     "mask_image",
     "masked_image_latents",
+    "control_image",
     "latents",
 )
 # Of those, the texts that may be one string for all prompts.
 TEXT_FOR_ALL = ("prompt_2", "negative_prompt", "negative_prompt_2")
 # Of those, the ones where a single entry (or a list of one) is used for every prompt, as in diffusers.
-BROADCAST = ("image", "mask_image", "masked_image_latents")
+BROADCAST = ("image", "mask_image", "masked_image_latents", "control_image")
 
 
 def prompt_count(call: dict[str, Any]) -> int | None:

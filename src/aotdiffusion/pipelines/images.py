@@ -20,7 +20,7 @@ import torch
 
 from ..shapes import PipelineShapes
 
-_MODES = {"image": "RGB", "mask_image": "L"}
+_MODES = {"image": "RGB", "mask_image": "L", "control_image": "RGB"}
 # Decoding more pixels than this is refused before decoding (PIL's own bomb check is at 89M pixels).
 MAX_PIXELS = 4096 * 4096
 

@@ -4,6 +4,8 @@ time."""
 from __future__ import annotations
 
 from diffusers import (
+    StableDiffusionControlNetImg2ImgPipeline,
+    StableDiffusionControlNetInpaintPipeline,
     StableDiffusionControlNetPipeline,
     StableDiffusionImg2ImgPipeline,
     StableDiffusionInpaintPipeline,
@@ -34,12 +36,40 @@ class AOTStableDiffusionInstructPix2PixPipeline(AOTPipelineMixin, StableDiffusio
     diffusers_class = StableDiffusionInstructPix2PixPipeline
 
 
-class AOTStableDiffusionControlNetPipeline(AOTPipelineMixin, StableDiffusionControlNetPipeline):
+class _ControlNetCalls:
+    """What the ControlNet classes share: which call argument holds the conditioning image(s)."""
+
+    # Text-to-image takes the condition as `image`; image-to-image and inpainting take their input image there
+    # and the condition as `control_image` (diffusers' names).
+    condition_argument = "image"
+
+    def _unsplit(self) -> tuple[str, ...]:
+        # Several ControlNets: the condition holds one image per ControlNet, not one per prompt.
+        return (self.condition_argument,) if hasattr(self.controlnet, "nets") else ()
+
+
+class AOTStableDiffusionControlNetPipeline(_ControlNetCalls, AOTPipelineMixin, StableDiffusionControlNetPipeline):
     """Text-to-image guided by one ControlNet or several (``image``: the conditioning image, or one per ControlNet);
     each ControlNet is compiled with the UNet's static shapes, its scales graph inputs."""
 
     diffusers_class = StableDiffusionControlNetPipeline
 
-    def _unsplit(self) -> tuple[str, ...]:
-        # Several ControlNets: `image` holds one conditioning image per ControlNet, not one per prompt.
-        return ("image",) if hasattr(self.controlnet, "nets") else ()
+
+class AOTStableDiffusionControlNetImg2ImgPipeline(
+    _ControlNetCalls, AOTPipelineMixin, StableDiffusionControlNetImg2ImgPipeline
+):
+    """Image-to-image guided by ControlNets (``image``: the input image; ``control_image``: the condition, or one
+    per ControlNet), over a ControlNet export's components (it needs the VAE encoder)."""
+
+    diffusers_class = StableDiffusionControlNetImg2ImgPipeline
+    condition_argument = "control_image"
+
+
+class AOTStableDiffusionControlNetInpaintPipeline(
+    _ControlNetCalls, AOTPipelineMixin, StableDiffusionControlNetInpaintPipeline
+):
+    """Inpainting guided by ControlNets (``image``, ``mask_image``, ``control_image``), with the 9-channel inpainting
+    UNet or a regular 4-channel one, as diffusers does."""
+
+    diffusers_class = StableDiffusionControlNetInpaintPipeline
+    condition_argument = "control_image"
