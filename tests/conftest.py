@@ -240,12 +240,24 @@ def sdxl_pix2pix_export(tiny, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 @built_once
-def sd_controlnet_export(tiny, tmp_path_factory) -> Path:
+def sd_controlnet_export(tiny, sd_fp32, tmp_path_factory) -> Path:
     """SD with one ControlNet, by the CLI (--controlnet), with the VAE encoder: text-to-image, image-to-image and
-    inpainting over the same compiled parts."""
+    inpainting over the same compiled parts. Built after ``sd_fp32``, whose text encoder and VAE graphs it reuses
+    from the compile cache (same weights and options): only the ControlNet and the UNet are compiled."""
     out = tmp_path_factory.mktemp("exports") / "sd-controlnet"
     cli("export", "--model", str(tiny("sd")), "--controlnet", str(tiny("controlnet")), "--height", "64", "--width",
         "64", "--auto-cast", "none", str(out))  # fmt: skip
+    return out
+
+
+@pytest.fixture(scope="session")
+@built_once
+def sdxl_controlnet_export(tiny, sdxl_export, tmp_path_factory) -> Path:
+    """SDXL with one SDXL ControlNet, by the CLI (--controlnet on an SDXL model). Built after ``sdxl_export``, whose
+    text encoders and VAE it reuses from the compile cache: only the ControlNet and the UNet are compiled."""
+    out = tmp_path_factory.mktemp("exports") / "sdxl-controlnet"
+    cli("export", "--model", str(tiny("sdxl")), "--controlnet", str(tiny("controlnet-sdxl")), "--height", "64",
+        "--width", "64", "--auto-cast", "none", str(out))  # fmt: skip
     return out
 
 

@@ -11,6 +11,9 @@ from diffusers import (
     StableDiffusionControlNetImg2ImgPipeline,
     StableDiffusionControlNetInpaintPipeline,
     StableDiffusionControlNetPipeline,
+    StableDiffusionXLControlNetImg2ImgPipeline,
+    StableDiffusionXLControlNetInpaintPipeline,
+    StableDiffusionXLControlNetPipeline,
 )
 from test_family import close, load, mask, picture, png_close, refused
 
@@ -19,14 +22,16 @@ from aotdiffusion import (
     AOTStableDiffusionControlNetImg2ImgPipeline,
     AOTStableDiffusionControlNetInpaintPipeline,
     AOTStableDiffusionControlNetPipeline,
+    AOTStableDiffusionXLControlNetImg2ImgPipeline,
+    AOTStableDiffusionXLControlNetInpaintPipeline,
+    AOTStableDiffusionXLControlNetPipeline,
 )
 
 
-def eager_controlnet(tiny, *kinds: str, cls=StableDiffusionControlNetPipeline):
+def eager_controlnet(tiny, *kinds: str, cls=StableDiffusionControlNetPipeline, model: str = "sd"):
     nets = [ControlNetModel.from_pretrained(tiny(kind)) for kind in kinds]
-    pipe = cls.from_pretrained(
-        tiny("sd"), controlnet=nets[0] if len(nets) == 1 else nets, safety_checker=None, requires_safety_checker=False
-    )
+    extra = {} if model == "sdxl" else {"safety_checker": None, "requires_safety_checker": False}
+    pipe = cls.from_pretrained(tiny(model), controlnet=nets[0] if len(nets) == 1 else nets, **extra)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -85,6 +90,31 @@ def test_controlnet_img2img_and_inpaint_match_eager(sd_controlnet_export, tiny, 
         ValueError, match=r"`control_image` is 32x32 \(width x height\) but this pipeline was compiled for 64x64"
     ):
         run_pipe(pipe, **{**call, "control_image": picture(size=32)})
+
+
+def test_sdxl_controlnet_matches_eager(sdxl_controlnet_export, tiny):
+    """An SDXL ControlNet takes the UNet's micro-conditioning (text_embeds, time_ids) as graph inputs; one export runs
+    text-to-image, image-to-image and inpainting as diffusers' SDXL ControlNet pipelines do."""
+    pipe = AOTDiffusionPipeline.from_pretrained(sdxl_controlnet_export)
+    pipe.set_progress_bar_config(disable=True)
+    assert isinstance(pipe, AOTStableDiffusionXLControlNetPipeline)
+    reference = eager_controlnet(tiny, "controlnet-sdxl", cls=StableDiffusionXLControlNetPipeline, model="sdxl")
+    for call in ({}, {"controlnet_conditioning_scale": 0.5, "guess_mode": True, "guidance_scale": 3.0}):
+        close(run_pipe(pipe, image=picture(), **call), run_pipe(reference, image=picture(), **call))
+    call = {"image": picture(seed=3), "control_image": picture()}
+    for aot_cls, eager_cls, extra in (
+        (AOTStableDiffusionXLControlNetImg2ImgPipeline, StableDiffusionXLControlNetImg2ImgPipeline, {}),
+        (
+            AOTStableDiffusionXLControlNetInpaintPipeline,
+            StableDiffusionXLControlNetInpaintPipeline,
+            {"mask_image": mask()},
+        ),
+    ):
+        sibling = pipe.sibling(aot_cls)
+        eager = eager_controlnet(tiny, "controlnet-sdxl", cls=eager_cls, model="sdxl")
+        close(run_pipe(sibling, **call, **extra), run_pipe(eager, **call, **extra))
+    with pytest.raises(ValueError, match=r"`image` is 32x32 \(width x height\) but this pipeline was compiled for"):
+        run_pipe(pipe, image=picture(size=32))
 
 
 def test_multi_controlnet_matches_eager(sd_multi_controlnet_export, tiny):

@@ -275,6 +275,7 @@ def _parser() -> argparse.ArgumentParser:
             "sdxl-instruct-pix2pix",
             "controlnet",
             "controlnet-2",
+            "controlnet-sdxl",
         ],
     )
     tiny.add_argument("output", type=Path)
@@ -384,16 +385,17 @@ def _export(args: argparse.Namespace) -> None:
         cls = _pipeline_class(args.task, args.model, hub)
         controlnet = {}
         if args.controlnet:
-            from .pipelines.auto import FAMILIES, family_of
+            from .pipelines.auto import FAMILIES, WITH_CONTROLNET, family_of
 
-            if family_of(cls) != "stable-diffusion":
+            family = family_of(cls)
+            if family not in WITH_CONTROLNET:
                 raise ValueError(
-                    f"--controlnet compiles a Stable Diffusion 1.x/2.x ControlNet pipeline; {args.model} exports as "
-                    f"{cls.__name__} (SDXL ControlNet is not supported yet)."
+                    f"--controlnet compiles a Stable Diffusion 1.x/2.x or SDXL ControlNet pipeline; {args.model} "
+                    f"exports as {cls.__name__}, which takes no ControlNet."
                 )
             # The same task with ControlNets: an inpainting model exports as the ControlNet inpainting pipeline.
-            task = FAMILIES["stable-diffusion"].index(cls)
-            cls, controlnet = FAMILIES["stable-diffusion-controlnet"][task], {"controlnet": args.controlnet}
+            task = FAMILIES[family].index(cls)
+            cls, controlnet = FAMILIES[WITH_CONTROLNET[family]][task], {"controlnet": args.controlnet}
         cls.export(
             args.model,
             args.output,

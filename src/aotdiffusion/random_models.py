@@ -205,6 +205,14 @@ def tiny_controlnet(seed: int = 0):
     return _unzeroed(controlnet, seed + 6)
 
 
+def tiny_sdxl_controlnet(seed: int = 0):
+    """A ControlNet for the tiny SDXL UNet (a model only): it takes SDXL's pooled text embeddings and time ids too."""
+    from diffusers import ControlNetModel
+
+    unet = _tiny_sdxl_unet(seed + 5, text_embeds_dim=32, time_ids=6)
+    return _unzeroed(ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(16, 32)), seed + 6)
+
+
 def full_size_controlnet(seed: int = 0):
     """A ControlNet of SD 1.5's architecture (lllyasviel/sd-controlnet-*: 361M parameters) with random weights."""
     from diffusers import ControlNetModel
@@ -437,6 +445,7 @@ TINY_MODELS = {
     "lcm-sdxl": tiny_lcm_sdxl_unet,
     "controlnet": tiny_controlnet,
     "controlnet-2": lambda: tiny_controlnet(seed=10),  # a second, different one (multi-ControlNet)
+    "controlnet-sdxl": tiny_sdxl_controlnet,
 }
 FULL_SIZE_MODELS = {
     "sd": full_size_stable_diffusion_15,

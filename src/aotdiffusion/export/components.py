@@ -242,16 +242,27 @@ class _ControlNetGraph(torch.nn.Module):
         super().__init__()
         self.controlnet = controlnet
 
-    def forward(self, sample, timestep, encoder_hidden_states, controlnet_cond, scales):
+    def forward(self, sample, timestep, encoder_hidden_states, controlnet_cond, scales, text_embeds=None,
+                time_ids=None):  # fmt: skip
+        added = {"text_embeds": text_embeds, "time_ids": time_ids} if text_embeds is not None else None
         down, mid = self.controlnet(
             sample, timestep, encoder_hidden_states=encoder_hidden_states, controlnet_cond=controlnet_cond,
-            conditioning_scale=1.0, guess_mode=False, return_dict=False,
+            conditioning_scale=1.0, guess_mode=False, added_cond_kwargs=added, return_dict=False,
         )  # fmt: skip
         return (*(d * scales[i] for i, d in enumerate(down)), mid * scales[-1])
 
 
-def controlnet_spec(name: str, controlnet: torch.nn.Module, shapes: PipelineShapes, vae_scale_factor: int):
-    """One ControlNet at the UNet's batch, with its conditioning image at the compiled image size.
+def controlnet_spec(
+    name: str,
+    controlnet: torch.nn.Module,
+    shapes: PipelineShapes,
+    vae_scale_factor: int,
+    *,
+    text_embeds_dim: int | None = None,
+    time_ids_dim: int | None = None,
+):
+    """One ControlNet at the UNet's batch, with its conditioning image at the compiled image size; an SDXL
+    ControlNet also takes the UNet's micro-conditioning (``text_embeds``, ``time_ids``).
 
     Returns the spec and its outputs' shapes (the UNet's residual inputs).
     """
@@ -259,11 +270,21 @@ def controlnet_spec(name: str, controlnet: torch.nn.Module, shapes: PipelineShap
     batch = shapes.unet_batch
     h, w = shapes.height // vae_scale_factor, shapes.width // vae_scale_factor
     module = _ControlNetGraph(controlnet).eval()
+
+    def added(rows: int, gen: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        if text_embeds_dim is None:
+            return {}
+        return {
+            "text_embeds": torch.randn(rows, text_embeds_dim, generator=gen),
+            "time_ids": torch.randint(0, 1024, (rows, time_ids_dim), generator=gen).float(),
+        }
+
     with torch.no_grad():
         probe = controlnet(
             torch.zeros(1, config.in_channels, h, w), torch.zeros(1), encoder_hidden_states=torch.zeros(
                 1, shapes.sequence_length, config.cross_attention_dim), controlnet_cond=torch.zeros(
-                1, config.conditioning_channels, shapes.height, shapes.width), return_dict=False,
+                1, config.conditioning_channels, shapes.height, shapes.width), added_cond_kwargs=added(1) or None,
+            return_dict=False,
         )  # fmt: skip
     count = len(probe[0]) + 1
 
@@ -278,6 +299,7 @@ def controlnet_spec(name: str, controlnet: torch.nn.Module, shapes: PipelineShap
                 batch, config.conditioning_channels, shapes.height, shapes.width, generator=gen
             ),  # fmt: skip
             "scales": torch.rand(count, generator=gen) + 0.5,
+            **added(batch, gen),
         }
 
     residuals = [(batch, *t.shape[1:]) for t in (*probe[0], probe[1])]

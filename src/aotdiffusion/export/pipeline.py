@@ -129,7 +129,7 @@ def component_specs(
                 "export a ControlNet pipeline without --deep-cache."
             )
         for i, net in enumerate(controlnets):
-            spec, residuals = controlnet_spec(f"{CONTROLNET_PREFIX}{i}", net, shapes, pipe.vae_scale_factor)
+            spec, residuals = controlnet_spec(f"{CONTROLNET_PREFIX}{i}", net, shapes, pipe.vae_scale_factor, **added)
             specs.append(spec)
         added["residuals"] = residuals
     specs.append(unet_spec(unet, shapes, pipe.vae_scale_factor, **added))

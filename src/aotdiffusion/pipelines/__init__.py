@@ -10,6 +10,9 @@ from .stable_diffusion import (
     AOTStableDiffusionPipeline,
 )
 from .stable_diffusion_xl import (
+    AOTStableDiffusionXLControlNetImg2ImgPipeline,
+    AOTStableDiffusionXLControlNetInpaintPipeline,
+    AOTStableDiffusionXLControlNetPipeline,
     AOTStableDiffusionXLImg2ImgPipeline,
     AOTStableDiffusionXLInpaintPipeline,
     AOTStableDiffusionXLInstructPix2PixPipeline,
@@ -30,4 +33,7 @@ __all__ = [
     "AOTStableDiffusionXLImg2ImgPipeline",
     "AOTStableDiffusionXLInpaintPipeline",
     "AOTStableDiffusionXLInstructPix2PixPipeline",
+    "AOTStableDiffusionXLControlNetPipeline",
+    "AOTStableDiffusionXLControlNetImg2ImgPipeline",
+    "AOTStableDiffusionXLControlNetInpaintPipeline",
 ]

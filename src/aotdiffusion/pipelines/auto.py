@@ -17,6 +17,9 @@ from .stable_diffusion import (
     AOTStableDiffusionPipeline,
 )
 from .stable_diffusion_xl import (
+    AOTStableDiffusionXLControlNetImg2ImgPipeline,
+    AOTStableDiffusionXLControlNetInpaintPipeline,
+    AOTStableDiffusionXLControlNetPipeline,
     AOTStableDiffusionXLImg2ImgPipeline,
     AOTStableDiffusionXLInpaintPipeline,
     AOTStableDiffusionXLInstructPix2PixPipeline,
@@ -38,6 +41,9 @@ PIPELINES = {
         AOTStableDiffusionControlNetPipeline,
         AOTStableDiffusionControlNetImg2ImgPipeline,
         AOTStableDiffusionControlNetInpaintPipeline,
+        AOTStableDiffusionXLControlNetPipeline,
+        AOTStableDiffusionXLControlNetImg2ImgPipeline,
+        AOTStableDiffusionXLControlNetInpaintPipeline,
     )
 }
 # The diffusers class a model's model_index.json names -> the compiled class that exports it.
@@ -67,7 +73,17 @@ FAMILIES["stable-diffusion-controlnet"] = (
     AOTStableDiffusionControlNetImg2ImgPipeline,
     AOTStableDiffusionControlNetInpaintPipeline,
 )
-CONTROLNET_FAMILIES = ("stable-diffusion-controlnet",)
+FAMILIES["stable-diffusion-xl-controlnet"] = (
+    AOTStableDiffusionXLControlNetPipeline,
+    AOTStableDiffusionXLControlNetImg2ImgPipeline,
+    AOTStableDiffusionXLControlNetInpaintPipeline,
+)
+CONTROLNET_FAMILIES = ("stable-diffusion-controlnet", "stable-diffusion-xl-controlnet")
+# The family a model's task becomes with --controlnet.
+WITH_CONTROLNET = {
+    "stable-diffusion": "stable-diffusion-controlnet",
+    "stable-diffusion-xl": "stable-diffusion-xl-controlnet",
+}
 
 
 def family_of(pipeline_cls: type) -> str:

@@ -626,3 +626,15 @@ def _local_or_download(model: str | Path, hub_kwargs: dict[str, Any], trust_remo
     from huggingface_hub import snapshot_download
 
     return Path(snapshot_download(str(model), **hub_kwargs))
+
+
+class ControlNetCalls:
+    """What the ControlNet classes share: which call argument holds the conditioning image(s)."""
+
+    # Text-to-image takes the condition as `image`; image-to-image and inpainting take their input image there
+    # and the condition as `control_image` (diffusers' names).
+    condition_argument = "image"
+
+    def _unsplit(self) -> tuple[str, ...]:
+        # Several ControlNets: the condition holds one image per ControlNet, not one per prompt.
+        return (self.condition_argument,) if hasattr(self.controlnet, "nets") else ()

@@ -13,7 +13,7 @@ from diffusers import (
     StableDiffusionPipeline,
 )
 
-from .base import AOTPipelineMixin
+from .base import AOTPipelineMixin, ControlNetCalls
 
 
 class AOTStableDiffusionPipeline(AOTPipelineMixin, StableDiffusionPipeline):
@@ -36,19 +36,7 @@ class AOTStableDiffusionInstructPix2PixPipeline(AOTPipelineMixin, StableDiffusio
     diffusers_class = StableDiffusionInstructPix2PixPipeline
 
 
-class _ControlNetCalls:
-    """What the ControlNet classes share: which call argument holds the conditioning image(s)."""
-
-    # Text-to-image takes the condition as `image`; image-to-image and inpainting take their input image there
-    # and the condition as `control_image` (diffusers' names).
-    condition_argument = "image"
-
-    def _unsplit(self) -> tuple[str, ...]:
-        # Several ControlNets: the condition holds one image per ControlNet, not one per prompt.
-        return (self.condition_argument,) if hasattr(self.controlnet, "nets") else ()
-
-
-class AOTStableDiffusionControlNetPipeline(_ControlNetCalls, AOTPipelineMixin, StableDiffusionControlNetPipeline):
+class AOTStableDiffusionControlNetPipeline(ControlNetCalls, AOTPipelineMixin, StableDiffusionControlNetPipeline):
     """Text-to-image guided by one ControlNet or several (``image``: the conditioning image, or one per ControlNet);
     each ControlNet is compiled with the UNet's static shapes, its scales graph inputs."""
 
@@ -56,7 +44,7 @@ class AOTStableDiffusionControlNetPipeline(_ControlNetCalls, AOTPipelineMixin, S
 
 
 class AOTStableDiffusionControlNetImg2ImgPipeline(
-    _ControlNetCalls, AOTPipelineMixin, StableDiffusionControlNetImg2ImgPipeline
+    ControlNetCalls, AOTPipelineMixin, StableDiffusionControlNetImg2ImgPipeline
 ):
     """Image-to-image guided by ControlNets (``image``: the input image; ``control_image``: the condition, or one
     per ControlNet), over a ControlNet export's components (it needs the VAE encoder)."""
@@ -66,7 +54,7 @@ class AOTStableDiffusionControlNetImg2ImgPipeline(
 
 
 class AOTStableDiffusionControlNetInpaintPipeline(
-    _ControlNetCalls, AOTPipelineMixin, StableDiffusionControlNetInpaintPipeline
+    ControlNetCalls, AOTPipelineMixin, StableDiffusionControlNetInpaintPipeline
 ):
     """Inpainting guided by ControlNets (``image``, ``mask_image``, ``control_image``), with the 9-channel inpainting
     UNet or a regular 4-channel one, as diffusers does."""

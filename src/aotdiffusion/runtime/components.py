@@ -235,10 +235,17 @@ class AOTControlNet(AOTModelPart):
         return_dict: bool = True,
     ):
         unsupported = [n for n, v in (("class_labels", class_labels), ("timestep_cond", timestep_cond),
-                                      ("attention_mask", attention_mask), ("added_cond_kwargs", added_cond_kwargs),
+                                      ("attention_mask", attention_mask),
                                       ("cross_attention_kwargs", cross_attention_kwargs)) if v]  # fmt: skip
         if unsupported:
             raise ValueError(f"The compiled ControlNet does not take {unsupported}.")
+        # An SDXL ControlNet takes the UNet's micro-conditioning; an SD one none.
+        added_names = [spec["name"] for spec in self.compiled.inputs if spec["name"] in ("text_embeds", "time_ids")]
+        added = {name: (added_cond_kwargs or {}).get(name) for name in added_names}
+        if missing := [name for name, value in added.items() if value is None]:
+            raise ValueError(f"This SDXL ControlNet needs added_cond_kwargs {missing}, which were not given.")
+        if added_cond_kwargs and not added_names:
+            raise ValueError(f"The compiled ControlNet does not take added_cond_kwargs ({sorted(added_cond_kwargs)}).")
         count = len(self.compiled.output_names)
         if guess_mode and not self.config.get("global_pool_conditions"):
             # diffusers' guess mode: the residuals ramp from 0.1 (first block) to 1 (mid block).
@@ -248,7 +255,7 @@ class AOTControlNet(AOTModelPart):
         batch, compiled = sample.shape[0], self.compiled.input_shape("sample")[0]
         timestep = torch.as_tensor(timestep, device=sample.device).to(torch.float32).reshape(-1).expand(batch)
         inputs = {"sample": sample, "timestep": timestep, "encoder_hidden_states": encoder_hidden_states,
-                  "controlnet_cond": controlnet_cond}  # fmt: skip
+                  "controlnet_cond": controlnet_cond, **added}  # fmt: skip
         if batch * 2 == compiled:  # guess mode with guidance: the conditional half only
             inputs = {k: torch.cat([v, v]) for k, v in inputs.items()}
         outputs = list(self.compiled(**inputs, scales=scales).values())
