@@ -102,8 +102,13 @@ def test_lora_arguments_are_checked(tiny_sd, sd_fp32, tmp_path):
     assert parse_lora("C:odd-name") == ("C:odd-name", 1.0)
     with pytest.raises(ValueError, match="finite number"):
         parse_lora("some/lora:nan")
-    with pytest.raises(ValueError, match="Could not load the LoRA"):
+    with pytest.raises(ValueError, match="The LoRA .*no does not exist: no such file or folder"):
         AOTStableDiffusionPipeline.export(tiny_sd, tmp_path / "x", reuse_compiled=sd_fp32, lora=[str(tmp_path / "no")])
+    # Not a path: a Hub id, which cannot be fetched here (offline, or no network): said so, not a client traceback.
+    with pytest.raises(ValueError, match="someone/no-such-lora: it is not a local file or folder, so it was looked up"):
+        AOTStableDiffusionPipeline.export(
+            tiny_sd, tmp_path / "x", reuse_compiled=sd_fp32, lora=["someone/no-such-lora"]
+        )
     assert not (tmp_path / "x").exists()
 
 

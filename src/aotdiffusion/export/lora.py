@@ -7,6 +7,7 @@ layers are then unloaded, leaving plain weights that export (or ``--reuse-compil
 
 from __future__ import annotations
 
+import importlib
 import math
 from pathlib import Path
 
@@ -44,13 +45,33 @@ def load_loras(pipe: DiffusionPipeline, loras: list) -> tuple[list[str], list[tu
     names = []
     for i, (source, _) in enumerate(parsed):
         name = f"lora_{i}"
+        if source.startswith((".", "/", "~")) or source.endswith((".safetensors", ".bin")):
+            if not Path(source).expanduser().exists():
+                raise ValueError(f"The LoRA {source} does not exist: no such file or folder.")
         try:
             pipe.load_lora_weights(source, adapter_name=name)
-        except (OSError, ValueError) as error:
-            raise ValueError(f"Could not load the LoRA {source}: {error}") from error
+        except (OSError, ValueError, *_network_errors()) as error:
+            if Path(source).exists():
+                raise ValueError(f"Could not load the LoRA {source}: {error}") from error
+            raise ValueError(
+                f"Could not load the LoRA {source}: it is not a local file or folder, so it was looked up as a Hugging "
+                f"Face Hub id, which failed ({type(error).__name__}: {error}). Give a path to a .safetensors file or "
+                "folder, or check the id and the network."
+            ) from error
         names.append(name)
     pipe.set_adapters(names, adapter_weights=[scale for _, scale in parsed])
     return names, parsed
+
+
+def _network_errors() -> tuple[type[BaseException], ...]:
+    """What the Hub client raises when it cannot be reached (its HTTP library's errors are not OSErrors)."""
+    errors: list[type[BaseException]] = [ConnectionError, TimeoutError]
+    for module, name in (("httpx", "HTTPError"), ("httpx2", "HTTPError"), ("requests", "RequestException")):
+        try:
+            errors.append(getattr(importlib.import_module(module), name))
+        except (ImportError, AttributeError):
+            pass
+    return tuple(errors)
 
 
 def fuse_loras(pipe: DiffusionPipeline, loras: list) -> None:
