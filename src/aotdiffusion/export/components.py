@@ -111,6 +111,19 @@ class _UNetGraph(torch.nn.Module):
         )
 
 
+def _micro_conditioning(
+    rows: int, text_embeds_dim: int | None, time_ids_dim: int | None, gen: torch.Generator | None = None
+) -> dict[str, torch.Tensor]:
+    """SDXL's added conditioning (pooled text embeddings, time ids) as the UNet and its ControlNets take it; none
+    for models without it."""
+    if text_embeds_dim is None:
+        return {}
+    return {
+        "text_embeds": torch.randn(rows, text_embeds_dim, generator=gen),
+        "time_ids": torch.randint(0, 1024, (rows, time_ids_dim), generator=gen).float(),
+    }
+
+
 # A ControlNet export's UNet takes the ControlNets' residuals as inputs (down_residual_0.., mid_residual).
 DOWN_RESIDUAL, MID_RESIDUAL = "down_residual_", "mid_residual"
 
@@ -143,9 +156,7 @@ def unet_spec(
         }
         if config.time_cond_proj_dim is not None:
             inputs["timestep_cond"] = torch.randn(batch, config.time_cond_proj_dim, generator=gen)
-        if text_embeds_dim is not None:
-            inputs["text_embeds"] = torch.randn(batch, text_embeds_dim, generator=gen)
-            inputs["time_ids"] = torch.randint(0, 1024, (batch, time_ids_dim), generator=gen).float()
+        inputs.update(_micro_conditioning(batch, text_embeds_dim, time_ids_dim, gen))
         if residuals:
             for i, shape in enumerate(residuals[:-1]):
                 inputs[f"{DOWN_RESIDUAL}{i}"] = torch.randn(shape, generator=gen)
@@ -270,20 +281,12 @@ def controlnet_spec(
     batch = shapes.unet_batch
     h, w = shapes.height // vae_scale_factor, shapes.width // vae_scale_factor
     module = _ControlNetGraph(controlnet).eval()
-
-    def added(rows: int, gen: torch.Generator | None = None) -> dict[str, torch.Tensor]:
-        if text_embeds_dim is None:
-            return {}
-        return {
-            "text_embeds": torch.randn(rows, text_embeds_dim, generator=gen),
-            "time_ids": torch.randint(0, 1024, (rows, time_ids_dim), generator=gen).float(),
-        }
-
+    probe_added = _micro_conditioning(1, text_embeds_dim, time_ids_dim) or None
     with torch.no_grad():
         probe = controlnet(
             torch.zeros(1, config.in_channels, h, w), torch.zeros(1), encoder_hidden_states=torch.zeros(
                 1, shapes.sequence_length, config.cross_attention_dim), controlnet_cond=torch.zeros(
-                1, config.conditioning_channels, shapes.height, shapes.width), added_cond_kwargs=added(1) or None,
+                1, config.conditioning_channels, shapes.height, shapes.width), added_cond_kwargs=probe_added,
             return_dict=False,
         )  # fmt: skip
     count = len(probe[0]) + 1
@@ -299,7 +302,7 @@ def controlnet_spec(
                 batch, config.conditioning_channels, shapes.height, shapes.width, generator=gen
             ),  # fmt: skip
             "scales": torch.rand(count, generator=gen) + 0.5,
-            **added(batch, gen),
+            **_micro_conditioning(batch, text_embeds_dim, time_ids_dim, gen),
         }
 
     residuals = [(batch, *t.shape[1:]) for t in (*probe[0], probe[1])]

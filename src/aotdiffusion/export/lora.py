@@ -45,13 +45,13 @@ def load_loras(pipe: DiffusionPipeline, loras: list) -> tuple[list[str], list[tu
     names = []
     for i, (source, _) in enumerate(parsed):
         name = f"lora_{i}"
-        if source.startswith((".", "/", "~")) or source.endswith((".safetensors", ".bin")):
-            if not Path(source).expanduser().exists():
-                raise ValueError(f"The LoRA {source} does not exist: no such file or folder.")
+        local = Path(source).exists()
+        if not local and (source.startswith((".", "/", "~")) or source.endswith((".safetensors", ".bin"))):
+            raise ValueError(f"The LoRA {source} does not exist: no such file or folder.")
         try:
             pipe.load_lora_weights(source, adapter_name=name)
         except (OSError, ValueError, *_network_errors()) as error:
-            if Path(source).exists():
+            if local:
                 raise ValueError(f"Could not load the LoRA {source}: {error}") from error
             raise ValueError(
                 f"Could not load the LoRA {source}: it is not a local file or folder, so it was looked up as a Hugging "
