@@ -65,6 +65,12 @@ def _parser() -> argparse.ArgumentParser:
     _flag(export, "batch-size", type=int, default=1, help="prompts per call (default 1)")
     _flag(export, "height", type=int, help="image height in pixels (default: the model's native size)")
     _flag(export, "width", type=int, help="image width in pixels (default: the model's native size)")
+    _flag(
+        export,
+        "extra-sizes",
+        help="more image sizes, HEIGHTxWIDTH comma-separated (e.g. 768x512,512x768): one more graph per size for "
+        "the UNet and VAE, sharing one copy of the weights; generate --height/--width picks one",
+    )
     _flag(export, "num-images-per-prompt", type=int, default=1, help="images per prompt (default 1)")
     _flag(
         export,
@@ -136,6 +142,22 @@ def _parser() -> argparse.ArgumentParser:
         help="3x3 convolutions: auto (default: time oneDNN's direct kernel and Winograd F(2x2,3x3)/F(4x4,3x3) per "
         "fp32 shape, keep the faster), direct, or winograd (every timed shape)",
     )
+    _flag(
+        export,
+        "group-norm",
+        default="channel-stats",
+        choices=["channel-stats", "aten"],
+        help="GroupNorm: channel-stats (default: per-channel statistics and scale/shift, which the compiler "
+        "vectorises) or aten (PyTorch's group_norm as it is)",
+    )
+    _flag(
+        export,
+        "attention",
+        default="auto",
+        choices=["auto", "sdpa", "chunked"],
+        help="long self-attention (4096+ tokens): auto (default: time PyTorch's SDPA kernel and chunked matmuls "
+        "with softmax per component, keep the faster), sdpa, or chunked",
+    )
     _flag(export, "unet", help="hub id or folder of a UNet that replaces the model's before compiling")
     _flag(export, "revision", help="hub revision of --model")
     _flag(
@@ -179,6 +201,8 @@ def _parser() -> argparse.ArgumentParser:
     _flag(generate, "replicas", type=int, default=1, help="with --ray: pipeline actors (default 1)")
     _ray_flags(generate, "run --prompts on Ray Data over an actor pool of compiled pipelines")
     _flag(generate, "negative-prompt")
+    _flag(generate, "height", type=int, help="image height: one of the export's sizes (default: its first)")
+    _flag(generate, "width", type=int, help="image width: one of the export's sizes (default: its first)")
     _flag(generate, "steps", type=int, default=20, help="denoising steps (default 20)")
     _flag(generate, "guidance-scale", type=float, help="default: diffusers' default for the pipeline")
     _flag(generate, "seed", type=int, default=0)
@@ -355,7 +379,7 @@ def _pipeline_class(task: str, model: str, hub: dict):
 _COMPILED_FLAGS = (
     "task", "batch_size", "height", "width", "num_images_per_prompt", "auto_cast", "auto_cast_type",
     "classifier_free_guidance", "split_guidance_batch", "device", "no_vae_encoder", "deep_cache", "quantize",
-    "fp32_linear", "conv_algorithm", "unet", "no_cache",
+    "fp32_linear", "conv_algorithm", "unet", "no_cache", "extra_sizes", "group_norm", "attention",
 )  # fmt: skip
 
 
@@ -408,6 +432,8 @@ def _export(args: argparse.Namespace) -> None:
             quantize=args.quantize,
             fp32_linear=args.fp32_linear,
             conv_algorithm=args.conv_algorithm,
+            group_norm=args.group_norm,
+            attention=args.attention,
             unet_id=args.unet,
             batch_size=args.batch_size,
             height=args.height,
@@ -415,6 +441,7 @@ def _export(args: argparse.Namespace) -> None:
             num_images_per_prompt=args.num_images_per_prompt,
             classifier_free_guidance=args.classifier_free_guidance,
             split_guidance_batch=args.split_guidance_batch,
+            extra_sizes=args.extra_sizes,
             compile_cache=not args.no_cache,
             **common,
         )
@@ -473,6 +500,9 @@ def _generate(args: argparse.Namespace) -> None:
         "resize_images": args.resize,
         "cache_interval": args.cache_interval,
     }
+    for name in ("height", "width"):
+        if getattr(args, name) is not None:
+            call[name] = getattr(args, name)
     if args.guidance_scale is not None:
         call["guidance_scale"] = args.guidance_scale
     elif not shapes.classifier_free_guidance and pipe.unet.config.time_cond_proj_dim is None:
@@ -612,6 +642,11 @@ def _generate_prompts(args: argparse.Namespace) -> None:
         raise ValueError(
             "--lora with --prompts --ray is not supported: write an export with the LoRA fused "
             "(aotdiffusion export --reuse-compiled EXPORT --lora LORA OUT) and generate from it."
+        )
+    if args.height is not None or args.width is not None:
+        raise ValueError(
+            "--prompts runs at the export's first compiled size; --height/--width are for one prompt. Drop them, or "
+            "export the size you want first (--height/--width at export)."
         )
     loras = [parse_lora(lora) for lora in args.lora]  # bad scales fail before anything loads
     from .serve import offline

@@ -14,8 +14,10 @@ from safetensors.torch import save_file
 
 from .. import artifact, checksums
 from . import compile_cache, refit
+from .attention import ATTENTIONS, chunked_long_attention
 from .choose_precision import FP32_LINEAR_KERNELS
 from .components import ComponentSpec
+from .group_norm import GROUP_NORMS, channel_stats_group_norms
 from .precision import Precision, PrecisionWrapper, full_precision_matmuls, low_precision_weights
 from .quantize import QUANTIZE_MODES, int8_kernels, quantize_program, quiet_int8_lowering, reduce_range
 from .winograd import CONV_ALGORITHMS, winograd_convs
@@ -43,6 +45,12 @@ class CompilerOptions:
     # shape, timed by the export: export/winograd.py). `winograd` holds the resolved (shape key, tile) pairs.
     conv_algorithm: str = "direct"
     winograd: tuple[tuple[str, int], ...] = ()
+    # GroupNorm traced as per-channel statistics and scale/shift ("channel-stats", vectorised by inductor:
+    # export/group_norm.py) or as aten's group_norm ("aten").
+    group_norm: str = "channel-stats"
+    # Long self-attention: "sdpa", "chunked" (matmuls and softmax in chunks: export/attention.py), or "auto" (the
+    # faster, timed by the export per component).
+    attention: str = "sdpa"
 
     def __post_init__(self) -> None:
         if self.quantize not in QUANTIZE_MODES:
@@ -54,6 +62,10 @@ class CompilerOptions:
             raise ValueError(
                 f"`fp32_linear` must be one of {('auto', *FP32_LINEAR_KERNELS)}, got {self.fp32_linear!r}."
             )
+        if self.attention not in ATTENTIONS:
+            raise ValueError(f"`attention` must be one of {ATTENTIONS}, got {self.attention!r}.")
+        if self.group_norm not in GROUP_NORMS:
+            raise ValueError(f"`group_norm` must be one of {GROUP_NORMS}, got {self.group_norm!r}.")
         if self.conv_algorithm not in CONV_ALGORITHMS:
             raise ValueError(f"`conv_algorithm` must be one of {CONV_ALGORITHMS}, got {self.conv_algorithm!r}.")
         if self.conv_algorithm == "winograd" and self.device != "cpu":
@@ -87,6 +99,8 @@ class CompilerOptions:
             **quantize,
             **linear,
             **winograd,
+            "group_norm": self.group_norm,
+            "attention": self.attention,
             "inductor": self.inductor_configs(),
         }
 
@@ -101,7 +115,9 @@ def trace(spec: ComponentSpec, options: CompilerOptions) -> torch.export.Exporte
     wrapped = PrecisionWrapper(spec.module.to(options.device), precision).eval()
     inputs = tuple(t.to(options.device) for t in spec.example_inputs().values())
     try:
-        with torch.no_grad(), winograd_convs(spec.module, dict(options.winograd)):
+        norms = channel_stats_group_norms(spec.module, options.group_norm == "channel-stats")
+        attention = chunked_long_attention(options.attention == "chunked")
+        with torch.no_grad(), winograd_convs(spec.module, dict(options.winograd)), norms, attention:
             program = torch.export.export(wrapped, inputs, strict=False)
     except Exception as error:  # torch.export errors are long; say which component first
         raise ExportError(f"torch.export failed for {spec.name}: {error}") from error
@@ -208,11 +224,7 @@ def compile_component(
                 "outputs": spec.output_names,
             }
         ],
-        "weights": {
-            "storage": "external",
-            "file": str(artifact.weights_file(folder)),
-            "format": "AOTInductor binary blob: the frozen (folded, oneDNN-prepacked) constants",
-        },
+        "weights": blob_weights(artifact.weights_file(folder)),
         "output_class": spec.output_class,
         "extra_state": extra,
         "files": files,
@@ -223,6 +235,15 @@ def compile_component(
     }
     write_manifest(folder, spec.config, manifest)
     return manifest
+
+
+def blob_weights(blob: Path | None) -> dict[str, Any]:
+    """The manifest's ``weights`` block of a package whose constants are in its own weights blob."""
+    return {
+        "storage": "external",
+        "file": str(blob),
+        "format": "AOTInductor binary blob: the frozen (folded, oneDNN-prepacked) constants",
+    }
 
 
 def save_extra_state(spec: ComponentSpec, folder: Path, files: dict[str, Any]) -> dict[str, Any]:

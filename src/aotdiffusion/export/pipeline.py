@@ -6,7 +6,7 @@ import resource
 import shutil
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from functools import partial
@@ -19,7 +19,7 @@ from diffusers import DiffusionPipeline
 from .. import artifact, checksums
 from ..runtime.compiled import CompiledComponent
 from ..shapes import PipelineShapes
-from . import staging, winograd
+from . import attention, sizes, staging, winograd
 from .choose_precision import INT8, LinearChoice, choose, choose_fp32_linear, dominant_ops
 from .compile import CompilerOptions, compile_component, write_manifest
 from .components import (
@@ -188,6 +188,7 @@ def export_pipeline(
     release_weights: bool = False,
     overwrite: bool = False,
     compile_cache: bool = True,
+    extra_sizes: Sequence[tuple[int, int]] = (),
 ) -> list[ComponentResult]:
     """Writes an exported pipeline to ``output_dir``; returns one result per component.
 
@@ -196,6 +197,8 @@ def export_pipeline(
 
     ``compile_fn`` is the per-component compiler (a seam for tests that need a broken artifact).
     ``compile_cache=False`` compiles every component even where the compile cache holds its package.
+    ``extra_sizes`` ((height, width) pairs besides ``shapes``') gives each component whose inputs depend on the
+    image size one more graph per size, sharing the main graph's weights (export/sizes.py).
     ``release_weights`` frees each eager text encoder and UNet once compiled and validated, so that a
     full-size SDXL export holds one fp32 model at a time; it leaves ``pipe`` unusable (for callers
     that loaded it only to export it).
@@ -213,9 +216,30 @@ def export_pipeline(
     with staging.staged(output, overwrite=overwrite) as folder:
         pipe.set_progress_bar_config(disable=True)
         specs = component_specs(pipe, shapes, options.precision, vae_encoder=vae_encoder, deep_cache=deep_cache)
+        extra_sizes = list(extra_sizes)
+        if extra_sizes and options.quantize == INT8:
+            raise ValueError(
+                "--quantize int8 calibrates the UNet on recorded calls at one image size; export an int8 pipeline "
+                "without --extra-sizes (one export per size)."
+            )
+        # The same components at each extra size, by name (the modules are shared; only example inputs differ).
+        sized = {
+            size: {
+                spec.name: spec
+                for spec in component_specs(
+                    pipe,
+                    replace(shapes, height=size[0], width=size[1]),
+                    options.precision,
+                    vae_encoder=vae_encoder,
+                    deep_cache=deep_cache,
+                )  # fmt: skip
+            }
+            for size in extra_sizes
+        }
+        also = "".join(f", {h}x{w}" for h, w in extra_sizes)
         log(
             f"Exporting {type(pipe).__name__} to {output}: {shapes.batch_size} prompt(s) x "
-            f"{shapes.num_images_per_prompt} image(s), {shapes.height}x{shapes.width}, "
+            f"{shapes.num_images_per_prompt} image(s), {shapes.height}x{shapes.width}{also}, "
             f"guidance batch {'on' if shapes.classifier_free_guidance else 'off'}, {options.precision.describe()} "
             f"on {options.device}"
         )
@@ -258,6 +282,16 @@ def export_pipeline(
                 if quantizable and choice.ranked[0] != INT8:
                     log(f"{step}: int8 is not faster than {choice.ranked[0]} on this {options.device}: not quantized")
                 tries = [scoped for name in choice.ranked for scoped in _compiled_in(_options_for(options, name))]
+            attention_choice = None
+            if options.attention == "auto":
+                first = tries[0].precision
+                dtype = torch.float32 if first.auto_cast == "none" else first.low_dtype
+                ops = ops if ops is not None else dominant_ops(spec)
+                attention_choice = attention.choose(ops[0], dtype, options.device, reuse=compile_cache)
+                chosen_attention = attention_choice.chosen if attention_choice else "sdpa"
+                if attention_choice is not None:
+                    log(f"{step}: {attention_choice.describe()}")
+                tries = [replace(candidate, attention=chosen_attention) for candidate in tries]
             fp32 = _Fp32Kernels(spec, options, ops, step, log, compile_cache)
             manifest = None
             for attempt, candidate in enumerate(tries):
@@ -279,7 +313,14 @@ def export_pipeline(
             if conv_choice is not None:
                 used = "winograd" if spec_options.winograd else "direct"
                 manifest["conv_algorithm_choice"] = {**conv_choice.to_dict(), "used": used}
-            if choice is not None or linear_choice is not None or conv_choice is not None:
+            size_records = _compile_extra_sizes(spec, spec_options, sized, folder, step, validate, log, compile_fn,
+                                                hashed, shapes)  # fmt: skip
+            if size_records:
+                manifest["sizes"] = size_records
+            if attention_choice is not None:
+                manifest["attention_choice"] = {**attention_choice.to_dict(), "used": spec_options.attention}
+            changed = (choice, linear_choice, conv_choice, attention_choice)
+            if any(c is not None for c in changed) or size_records:
                 write_manifest(folder / spec.name, spec.config, manifest)
             # The shallow step-caching graph, compiled after the UNet, runs the same UNet weights: freed after it.
             last_use = ("text_encoder", "unet_deep_cache" if deep_cache else "unet")
@@ -295,7 +336,8 @@ def export_pipeline(
                 + (f", max rel error {report.max_rel_error:.2e}" if report else ", not validated")
             )
         save_uncompiled_parts(pipe.components, folder)
-        _write_model_index(pipe, folder, shapes, options, pipeline_class, [s.name for s in specs], chosen)
+        _write_model_index(pipe, folder, shapes, options, pipeline_class, [s.name for s in specs], chosen,
+                           extra_sizes)  # fmt: skip
     remember_checksums(output, hashed)
     log(summary_table(results))
     return results
@@ -418,6 +460,57 @@ def _compile_and_validate(
     return manifest, report
 
 
+def _compile_extra_sizes(
+    spec: ComponentSpec,
+    options: CompilerOptions,
+    sized: dict[tuple[int, int], dict[str, ComponentSpec]],
+    folder: Path,
+    step: str,
+    validate: bool,
+    log: Callable[[str], None],
+    compile_fn: Callable[[ComponentSpec, CompilerOptions, Path], dict],
+    hashed: dict[str, dict],
+    shapes: PipelineShapes,
+) -> list[dict[str, Any]]:
+    """Compiles ``spec`` at each extra size where its inputs depend on the size, in the options its main graph
+    was compiled in, each sharing the main graph's constants; validated after sharing, loaded as calls load it.
+    Returns the manifest's ``sizes`` records (none for a component the size does not change)."""
+    main_shapes = {name: tuple(t.shape) for name, t in spec.example_inputs().items()}
+    records = []
+    main = None
+    for size, specs in sized.items():
+        other = specs[spec.name]
+        if {name: tuple(t.shape) for name, t in other.example_inputs().items()} == main_shapes:
+            continue
+        if main is None:
+            main = CompiledComponent(folder / spec.name, device=options.device)
+        where = f"{step} at {size[0]}x{size[1]}"
+        relative = sizes.folder_name(*size)
+        sub = folder / spec.name / relative
+        log(f"{where}: compiling ({options.precision.describe()}, as the main size)")
+        with _heartbeat(log, f"compiling {spec.name} at {size[0]}x{size[1]}"):
+            manifest = compile_fn(other, options, sub)
+        if options.device == "cpu":  # loaded constants are handed between graphs on CPU (runtime/compiled.py)
+            weights = sizes.share_constants(folder / spec.name, sub, log)
+            if weights:
+                manifest["weights"] = weights
+                manifest["files"] = sizes.package_records(sub)
+        if validate:
+            log(f"{where}: validating against eager PyTorch")
+            write_manifest(sub, other.config, manifest)
+            compiled = CompiledComponent(sub, device=options.device, main=main)
+            report = validate_component(other, compiled, options.precision, describe=options.precision.describe())
+            manifest["validation"] = report.to_dict()
+            log(f"{where}: max rel error {report.max_rel_error:.2e}")
+            del compiled
+        write_manifest(sub, other.config, manifest)
+        hashed[f"{spec.name}/{relative}"] = manifest["files"]
+        records.append({"height": size[0], "width": size[1], "folder": relative})
+    if not records:
+        return []
+    return [{"height": shapes.height, "width": shapes.width, "folder": "."}, *records]
+
+
 def save_uncompiled_parts(components: dict[str, Any], output: Path) -> dict[str, list[str]]:
     """Saves the scheduler, tokenizers and other library-saved parts over any in ``output``.
 
@@ -446,6 +539,7 @@ def _write_model_index(
     pipeline_class: str,
     compiled: list[str],
     chosen: dict[str, str],
+    extra_sizes: Sequence[tuple[int, int]] = (),
 ) -> None:
     import diffusers
 
@@ -461,6 +555,8 @@ def _write_model_index(
         "pipeline_class": pipeline_class,
         "diffusers_class": type(pipe).__name__,
         "shapes": shapes.to_dict(),
+        # Every image size (height, width) compiled, the main one (``shapes``) first.
+        "sizes": [[shapes.height, shapes.width], *[list(size) for size in extra_sizes]],
         "components": compiled,
         "precision": {**options.precision.to_dict(), **({"chosen": chosen} if chosen else {})},
         "quantize": options.quantize,

@@ -21,7 +21,7 @@ import hashlib
 import json
 import operator
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Container, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
@@ -180,16 +180,17 @@ def check_inputs(program: dict, tensors: dict[str, torch.Tensor], where: str) ->
             )
 
 
-def write_blob(program: dict, fixed: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor], old: Path,
-               new: Path) -> str:  # fmt: skip
-    """Writes the weights blob of ``tensors`` for the package whose blob is ``old`` (constants that come from
-    no weight, e.g. lifted tensor constants, are copied from it); returns the new blob's sha256.
+def write_blob(program: dict, fixed: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor],
+               read: Callable[[dict], bytes], new: Path) -> str:  # fmt: skip
+    """Writes the weights blob of ``tensors`` for the package whose program is ``program`` (constants that come
+    from no weight, e.g. lifted tensor constants, are the old package's: ``read`` gives their bytes for their
+    entry); returns the new blob's sha256.
 
     One constant is written and hashed (both release the GIL) on a second thread while the next is computed.
     """
     digest = hashlib.sha256()
     written = 0
-    with open(old, "rb") as source, open(new, "wb") as out, ThreadPoolExecutor(1) as writer:
+    with open(new, "wb") as out, ThreadPoolExecutor(1) as writer:
         pending = None
 
         def emit(*chunks: Any) -> None:
@@ -199,8 +200,7 @@ def write_blob(program: dict, fixed: dict[str, torch.Tensor], tensors: dict[str,
 
         for entry, data in _constant_bytes(program, fixed, tensors):
             if data is None:
-                source.seek(entry["offset"])
-                data = source.read(entry["nbytes"])
+                data = read(entry)
             padding = bytes(entry["offset"] - written)  # AOTInductor's zero padding between constants
             written = entry["offset"] + entry["nbytes"]
             if pending is not None:
@@ -251,13 +251,19 @@ def weights_of(program: dict) -> dict[str, set[str]]:
     }  # fmt: skip
 
 
-def changed_constants(program: dict, fixed: dict[str, torch.Tensor], blob: Path,
-                      deltas: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:  # fmt: skip
+def changed_constants(
+    program: dict,
+    fixed: dict[str, torch.Tensor],
+    read: Callable[[dict], bytes],
+    deltas: dict[str, torch.Tensor],
+    skip: Container[str] = (),
+) -> dict[str, torch.Tensor]:
     """The new value of every constant computed from a weight in ``deltas`` (program input name -> change of that
-    weight; other weights unchanged): the export's constant, read from ``blob``, plus the program applied to the
-    change. Each is laid out as the compiled code reads it (a oneDNN tensor where the constant is one)."""
+    weight; other weights unchanged), but those named in ``skip``: the export's constant, whose bytes ``read``
+    gives for its program entry, plus the program applied to the change. Each is laid out as the compiled code
+    reads it (a oneDNN tensor where the constant is one)."""
     reads = weights_of(program)
-    entries = [entry for entry in program["constants"] if reads[entry["name"]] & deltas.keys()]
+    entries = [e for e in program["constants"] if reads[e["name"]] & deltas.keys() and e["name"] not in skip]
     for entry in entries:
         if entry["source"] == "computed":
             _check_linear(program, entry["name"], set(deltas))
@@ -277,22 +283,53 @@ def changed_constants(program: dict, fixed: dict[str, torch.Tensor], blob: Path,
         return deltas[name].to(getattr(torch, spec["dtype"]))
 
     changed = {}
-    with open(blob, "rb") as source:
-        for entry in entries:
-            source.seek(entry["offset"])
-            base = torch.frombuffer(bytearray(source.read(entry["nbytes"])), dtype=torch.uint8)
-            delta = change(entry["name"]) if entry["source"] == "computed" else change(entry["input"])
-            if delta.is_mkldnn:  # the change, prepacked like the constant; the constant's bytes added in place
-                if _nbytes(delta) != entry["nbytes"]:
-                    raise RefitError(f"The constant {entry['name']} changed its oneDNN layout.")
-                memory = torch.from_numpy(_tensor_bytes(delta)).view(delta.dtype)
-                memory.copy_(memory.float() + base.view(delta.dtype).float())
-                changed[entry["name"]] = delta
-            else:
-                dtype = getattr(torch, entry["dtype"])
-                old = base.view(dtype).as_strided(entry["shape"], entry["stride"], entry["storage_offset"])
-                changed[entry["name"]] = _laid_out((old.float() + delta.float()).to(dtype), entry)
+    for entry in entries:
+        base = torch.frombuffer(bytearray(read(entry)), dtype=torch.uint8)
+        delta = change(entry["name"]) if entry["source"] == "computed" else change(entry["input"])
+        if delta.is_mkldnn:  # the change, prepacked like the constant; the constant's bytes added in place
+            if _nbytes(delta) != entry["nbytes"]:
+                raise RefitError(f"The constant {entry['name']} changed its oneDNN layout.")
+            memory = torch.from_numpy(_tensor_bytes(delta)).view(delta.dtype)
+            memory.copy_(memory.float() + base.view(delta.dtype).float())
+            changed[entry["name"]] = delta
+        else:
+            dtype = getattr(torch, entry["dtype"])
+            old = base.view(dtype).as_strided(entry["shape"], entry["stride"], entry["storage_offset"])
+            changed[entry["name"]] = _laid_out((old.float() + delta.float()).to(dtype), entry)
     return changed
+
+
+def constants_from_bytes(program: dict, fixed: dict[str, torch.Tensor],
+                         stored: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:  # fmt: skip
+    """The constants ``stored`` (name -> their bytes, uint8) as the compiled code reads them: a strided one is a view
+    of its bytes; a oneDNN one is made by its folding on zero weights (which gives its oneDNN layout) and its bytes
+    copied in (export/sizes.py keeps an extra image size's differing constants so)."""
+    folded, aliases, inputs = program["folded"], program["aliases"], program["inputs"]
+
+    def zeros(name: str) -> torch.Tensor:
+        if name in folded:
+            return _run(folded[name], zeros)
+        if name in fixed:
+            return fixed[name]
+        spec = inputs[aliases.get(name, name)]
+        return torch.zeros(spec["shape"], dtype=getattr(torch, spec["dtype"]))
+
+    out = {}
+    for entry in program["constants"]:
+        data = stored.get(entry["name"])
+        if data is None:
+            continue
+        if entry["mkldnn"]:
+            tensor = zeros(entry["name"]) if entry["source"] == "computed" else None
+            if tensor is None or not tensor.is_mkldnn or _nbytes(tensor) != entry["nbytes"]:
+                raise RefitError(f"The constant {entry['name']} cannot be rebuilt in its oneDNN layout.")
+            torch.from_numpy(_tensor_bytes(tensor)).copy_(data)
+        else:
+            dtype = getattr(torch, entry["dtype"])
+            storage = data.view(dtype) if entry["nbytes"] else torch.empty(0, dtype=dtype)
+            tensor = storage.as_strided(entry["shape"], entry["stride"], entry["storage_offset"])
+        out[entry["name"]] = tensor
+    return out
 
 
 def _check_linear(program: dict, name: str, changing: set[str]) -> bool:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import shutil
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -21,8 +22,8 @@ from diffusers import DiffusionPipeline
 from .. import artifact
 from ..runtime.compiled import CompiledComponent
 from ..shapes import PipelineShapes
-from . import refit, staging
-from .compile import save_extra_state, write_manifest
+from . import refit, sizes, staging
+from .compile import blob_weights, save_extra_state, write_manifest
 from .lora import FUSED_ATTRIBUTE
 from .pipeline import (
     COMPILED_ATTRIBUTES,
@@ -84,6 +85,9 @@ def reuse_compiled(
             manifest = manifests[spec.name]
             component_precision = Precision(**manifest["precision"])
             _refit_component(spec.module, component_precision, compiled / spec.name, folder / spec.name, manifest)
+            # The main graph is written and validated first; its manifest names the other sizes once they exist.
+            size_records = manifest.pop("sizes", [])
+            other_sizes = [record for record in size_records if record["folder"] != "."]
             manifest["extra_state"] = save_extra_state(spec, folder / spec.name, manifest["files"])
             written = time.perf_counter()
             report = None
@@ -99,6 +103,13 @@ def reuse_compiled(
                 del runner
                 write_manifest(folder / spec.name, spec.config, manifest)
             hashed[spec.name] = manifest["files"]
+            for record in other_sizes:
+                hashed[f"{spec.name}/{record['folder']}"] = _refit_size(
+                    pipe, shapes, precision, names, spec.name, record, compiled, folder, validate, step, log
+                )
+            if size_records:
+                manifest["sizes"] = size_records
+                write_manifest(folder / spec.name, spec.config, manifest)
             size = sum(record["bytes"] for record in manifest["files"].values())
             results.append(ComponentResult(spec.name, 0.0, written - start, size, report))
             log(
@@ -122,23 +133,62 @@ def reuse_compiled(
     return results
 
 
+def _refit_size(pipe, shapes: PipelineShapes, precision: Precision, names: list[str], name: str,
+                record: dict[str, Any], compiled: Path, folder: Path, validate: bool, step: str,
+                log: Callable[[str], None]) -> dict[str, Any]:  # fmt: skip
+    """Writes one extra image size of a component (export/sizes.py) from the new weights: its blob in full, then
+    shared with the new main graph's constants again; returns its manifest's file records."""
+    height, width = record["height"], record["width"]
+    specs = component_specs(
+        pipe, replace(shapes, height=height, width=width), precision, vae_encoder="vae_encoder" in names,
+        deep_cache="unet_deep_cache" in names,
+    )  # fmt: skip
+    spec = next(spec for spec in specs if spec.name == name)
+    source, target = compiled / name / record["folder"], folder / name / record["folder"]
+    manifest = artifact.read_component(source)[1]
+    component_precision = Precision(**manifest["precision"])
+    _refit_component(spec.module, component_precision, source, target, manifest)
+    weights = sizes.share_constants(folder / name, target, log)
+    if weights:
+        manifest["weights"], manifest["files"] = weights, sizes.package_records(target)
+    manifest["validation"] = None
+    manifest["compile_cache"] = "not compiled: code reused"
+    write_manifest(target, spec.config, manifest)
+    if validate:
+        log(f"{step} at {height}x{width}: validating against eager PyTorch")
+        main = CompiledComponent(folder / name, device=manifest["device"])
+        runner = CompiledComponent(target, device=manifest["device"], main=main)
+        manifest["validation"] = validate_component(spec, runner, component_precision).to_dict()
+        del runner, main
+        write_manifest(target, spec.config, manifest)
+    return manifest["files"]
+
+
 def _refit_component(
     module: torch.nn.Module, precision: Precision, source: Path, target: Path, manifest: dict[str, Any]
 ) -> None:
-    """Copies the compiled code of ``source`` to ``target`` and writes its weights blob from ``module``."""
+    """Copies the compiled code of ``source`` to ``target`` and writes its weights blob, in full, from ``module``
+    (an extra image size's too: export/sizes.py shares it with the main size's afterwards)."""
     package, new_package = source / artifact.PACKAGE_DIR, target / artifact.PACKAGE_DIR
     program, fixed = refit.read_program(package)
-    blob = artifact.weights_file(source)
+    weights = manifest["weights"]
+    blob = Path(weights.get("blob") or weights["file"])
+    read = sizes.constant_reader(source, weights)
+    dropped = {blob.name, sizes.UNSHARED_FILE}
     with low_precision_weights(module, precision):
         wrapper = PrecisionWrapper(module, precision)
         tensors = {**dict(wrapper.named_parameters()), **dict(wrapper.named_buffers())}
         tensors = {name: tensor.detach().to(manifest["device"]) for name, tensor in tensors.items()}
         refit.check_inputs(program, tensors, source.name)
-        shutil.copytree(package, new_package, ignore=lambda _, files: [f for f in files if f == blob.name])
+        shutil.copytree(package, new_package, ignore=lambda _, files: [f for f in files if f in dropped])
         with torch.no_grad():
-            digest = refit.write_blob(program, fixed, tensors, source / blob, target / blob)
+            digest = refit.write_blob(program, fixed, tensors, read, target / blob)
+    manifest["weights"] = blob_weights(blob)
     manifest["files"] = {
-        name: ({"sha256": digest, "bytes": (target / blob).stat().st_size} if name == str(blob) else record)
-        for name, record in manifest["files"].items()
-        if name.startswith(f"{artifact.PACKAGE_DIR}/")
+        **{
+            name: record
+            for name, record in manifest["files"].items()
+            if name.startswith(f"{artifact.PACKAGE_DIR}/") and Path(name).name not in dropped
+        },
+        str(blob): {"sha256": digest, "bytes": (target / blob).stat().st_size},
     }

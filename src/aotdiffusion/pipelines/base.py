@@ -7,6 +7,7 @@ runs the denoising loop, and this mixin only checks the call against the compile
 from __future__ import annotations
 
 import copy
+import dataclasses
 import inspect
 import logging
 import math
@@ -34,12 +35,13 @@ from ..export.pipeline import (
     save_uncompiled_parts,
 )
 from ..export.precision import Precision
+from ..export.sizes import check_sizes
 from ..runtime import trusted
 from ..runtime.compiled import CompiledComponent
 from ..runtime.components import AOTAutoencoderKL, AOTControlNet, AOTMultiControlNet, AOTTextEncoder, AOTUNet
 from ..shapes import PipelineShapes
 from .batches import chunk_call, combine_outputs, prompt_count
-from .images import conform_images
+from .images import conform_images, image_size
 from .lora import CHANGING_METHODS, CompiledLoras, lora_method
 
 logger = logging.getLogger(__name__)
@@ -48,7 +50,7 @@ logger = logging.getLogger(__name__)
 REUSED_ARGUMENTS = (
     "device", "auto_cast", "auto_cast_type", "freezing", "vae_encoder", "deep_cache", "quantize", "fp32_linear",
     "conv_algorithm", "batch_size", "height", "width", "num_images_per_prompt", "classifier_free_guidance",
-    "split_guidance_batch",
+    "split_guidance_batch", "extra_sizes", "group_norm", "attention",
 )  # fmt: skip
 
 
@@ -119,6 +121,8 @@ class AOTPipelineMixin:
         quantize: str = "none",
         fp32_linear: str = "auto",
         conv_algorithm: str = "auto",
+        group_norm: str = "channel-stats",
+        attention: str = "auto",
         unet_id: str | None = None,
         # input shapes
         batch_size: int | None = None,
@@ -127,6 +131,7 @@ class AOTPipelineMixin:
         num_images_per_prompt: int | None = None,
         classifier_free_guidance: bool | None = None,
         split_guidance_batch: bool = False,
+        extra_sizes: list[tuple[int, int]] | str | None = None,
         overwrite: bool = False,
         compile_cache: bool = True,
         reuse_compiled: str | Path | None = None,
@@ -142,6 +147,9 @@ class AOTPipelineMixin:
         new weights, with its shapes and compiler options (export/reuse.py). ``lora``: adapters fused into the
         weights first, each ``"PATH_OR_ID[:SCALE]"`` or ``(source, scale)`` (export/lora.py). ``controlnet``: the
         ControlNet(s) of a ControlNet pipeline, hub ids or folders (several: multi-ControlNet), each compiled.
+        ``extra_sizes``: more image sizes, (height, width) pairs or ``"768x512,512x768"``: one more graph per size
+        for each component the size changes, all sharing one copy of the weights; a call picks the graph by its
+        height and width (export/sizes.py).
         Returns one :class:`~aotdiffusion.export.pipeline.ComponentResult` per compiled component.
         """
         if reuse_compiled is not None:
@@ -179,6 +187,8 @@ class AOTPipelineMixin:
             classifier_free_guidance=classifier_free_guidance,
             split_guidance_batch=split_guidance_batch,
         )
+        downsampling = 2 ** (len(source.unet.config.block_out_channels) - 1)
+        sizes = check_sizes(shapes, extra_sizes or [], source.vae_scale_factor, downsampling)
         options = CompilerOptions(
             Precision(auto_cast, auto_cast_type),
             device=device,
@@ -186,6 +196,8 @@ class AOTPipelineMixin:
             quantize=quantize or "none",
             fp32_linear=fp32_linear,
             conv_algorithm=conv_algorithm,
+            group_norm=group_norm,
+            attention=attention,
         )
         return export_pipeline(
             source,
@@ -199,6 +211,7 @@ class AOTPipelineMixin:
             release_weights=True,
             overwrite=overwrite,
             compile_cache=compile_cache,
+            extra_sizes=sizes,
         )
 
     @classmethod
@@ -285,6 +298,11 @@ class AOTPipelineMixin:
         # LoRA adapters changing the compiled weights in place: made on first use, shared with siblings.
         pipe._lora_state = {}
         pipe.static_shapes = PipelineShapes.from_dict(block["shapes"])
+        # Every image size compiled (export --extra-sizes), the main one (static_shapes) first.
+        pipe.compiled_sizes = [tuple(size) for size in block.get("sizes", [])] or [
+            (pipe.static_shapes.height, pipe.static_shapes.width)
+        ]
+        pipe._compiled_graphs = list(compiled.values())
         pipe.compiled_device = torch.device(device or block["device"])
         return pipe
 
@@ -320,7 +338,10 @@ class AOTPipelineMixin:
             return self
         parts = dict(self.components)
         pipe = pipeline_cls._assemble(parts, parts)
-        shared = ("_artifact_dir", "_export_tmpdir", "_call_lock", "static_shapes", "compiled_device", "_lora_state")
+        shared = (
+            "_artifact_dir", "_export_tmpdir", "_call_lock", "static_shapes", "compiled_sizes", "_compiled_graphs",
+            "compiled_device", "_lora_state",
+        )  # fmt: skip
         for name in shared:
             setattr(pipe, name, getattr(self, name))
         pipe.set_progress_bar_config(**getattr(self, "_progress_bar_config", {}))
@@ -484,9 +505,8 @@ class AOTPipelineMixin:
                 call["resize_images"] = resize_images
                 call["cache_interval"] = cache_interval
                 return self._call_replicas(call, extra)
-            self.check_call(call)
-            conform_images(call, self.static_shapes, self.vae_scale_factor, resize=resize_images)
-            shapes = self.static_shapes
+            shapes = self._use_size(*self.check_call(call))
+            conform_images(call, shapes, self.vae_scale_factor, resize=resize_images)
             chunks = chunk_call(call, shapes.batch_size, shapes.num_images_per_prompt, unsplit=self._unsplit())
             if chunks.whole:
                 with self.unet.step_cache(cache_interval):
@@ -500,6 +520,13 @@ class AOTPipelineMixin:
                 with self.unet.step_cache(cache_interval):  # each call starts with a full UNet step
                     outputs.append(super().__call__(**part, **extra))
             return combine_outputs(outputs, call.get("return_dict", True), chunks.images)
+
+    def _use_size(self, height: int, width: int) -> PipelineShapes:
+        """Points every compiled component at its graph for ``height`` x ``width`` (checked by check_call); returns
+        the shapes calls at that size run with."""
+        for graph in self._compiled_graphs:
+            graph.use_size(height, width)
+        return dataclasses.replace(self.static_shapes, height=height, width=width)
 
     def _unsplit(self) -> tuple[str, ...]:
         """Call arguments that look per-prompt but are not (a multi-ControlNet's images): never split in chunks."""
@@ -531,8 +558,9 @@ class AOTPipelineMixin:
                 f"{limit // 2}."
             )
 
-    def check_call(self, call: dict[str, Any]) -> None:
-        """Raises ``ValueError`` for any call the compiled shapes cannot serve; fills in height/width.
+    def check_call(self, call: dict[str, Any]) -> tuple[int, int]:
+        """Raises ``ValueError`` for any call the compiled shapes cannot serve; fills in height/width. Returns the
+        compiled size (height, width) the call runs at.
 
         Never resizes or overrides silently: the message names what was compiled, what was asked and
         the export flags that would allow the call.
@@ -543,12 +571,19 @@ class AOTPipelineMixin:
         for name in ("height", "width"):
             if name in call and call[name] is None:
                 call[name] = getattr(shapes, name)
-        asked = (call.get("height", shapes.height), call.get("width", shapes.width))
-        if asked != (shapes.height, shapes.width):
+        if "height" in call or "width" in call:
+            asked = (call.get("height", shapes.height), call.get("width", shapes.width))
+        else:  # diffusers' image-to-image takes its size from the image: the compiled size it has, if any
+            asked = image_size(call.get("image"))
+            asked = asked if asked in self.compiled_sizes else (shapes.height, shapes.width)
+        size = asked
+        if asked not in self.compiled_sizes:
+            compiled = ", ".join(f"{h}x{w}" for h, w in self.compiled_sizes)
             raise ValueError(
-                f"This pipeline was compiled for {shapes.height}x{shapes.width} images (height x width) but was "
-                f"called with height={asked[0]}, width={asked[1]}. Leave height and width out, or export "
-                f"again with --height {asked[0]} --width {asked[1]}."
+                f"This pipeline was compiled for {compiled} images (height x width) but was called with "
+                f"height={asked[0]}, width={asked[1]}. Call with one of those sizes (left out: "
+                f"{shapes.height}x{shapes.width}), or export again with --height {asked[0]} --width {asked[1]} "
+                f"(or add the size to an export: --extra-sizes {asked[0]}x{asked[1]})."
             )
         nipp = call.get("num_images_per_prompt")
         nipp = 1 if nipp is None else nipp
@@ -558,6 +593,11 @@ class AOTPipelineMixin:
                 f"with num_images_per_prompt={nipp}. Call it with num_images_per_prompt="
                 f"{shapes.num_images_per_prompt}, or export again with --num-images-per-prompt {nipp}."
             )
+        self._check_guidance(call)
+        return size
+
+    def _check_guidance(self, call: dict[str, Any]) -> None:
+        shapes = self.static_shapes
         scale = call.get("guidance_scale")
         if scale is None:
             return

@@ -138,6 +138,18 @@ def _conform_one(item: Any, key: str, mode: str, shapes: PipelineShapes, scale: 
     return item
 
 
+def image_size(image: Any) -> tuple[int, int] | None:
+    """(height, width) of a call's input image (the first of a list); None for none or a latent."""
+    item = image[0] if isinstance(image, (list, tuple)) and image else image
+    if item is None or _is_latent(item) or isinstance(item, (list, tuple)):
+        return None
+    try:
+        width, height = _size(item)
+    except TypeError:
+        return None
+    return (height, width)
+
+
 def _size(item: Any) -> tuple[int, int]:
     """(width, height) of a PIL image, an HWC/BHWC array or a CHW/BCHW tensor."""
     if isinstance(item, PIL.Image.Image):

@@ -75,7 +75,11 @@ class CompiledLoras:
             if part is None:
                 continue
             models[name] = _hollow_model(name, part.compiled.config, index.get(name), folder)
-            self.graphs[name] = [graph for graph in (part.compiled, getattr(part, "shallow", None)) if graph]
+            # Each image size's graph too (export --extra-sizes); the main one first.
+            self.graphs[name] = [
+                size for graph in (part.compiled, getattr(part, "shallow", None)) if graph
+                for size in [graph, *(g for g in graph.graphs.values() if g is not graph)]
+            ]  # fmt: skip
         shadow_class = type(f"Hollow{mixin.__name__}", (mixin,), {"hf_device_map": None, "components": models})
         self.shadow = shadow_class()
         for name, model in models.items():
@@ -144,8 +148,9 @@ class CompiledLoras:
         changed = {name for name, delta in changes.items() if bool(delta.any())}
         if not changes:
             return graph, {}, changed
-        blob = graph.folder / artifact.weights_file(graph.folder)
-        return graph, refit.changed_constants(program, fixed, blob, changes), changed
+        # An extra size's constants that are the main graph's follow the main graph's update (runtime/compiled.py).
+        constants = refit.changed_constants(program, fixed, graph.read_constant, changes, skip=graph.shared)
+        return graph, constants, changed
 
     def _materialize_adapted(self) -> None:
         """Gives every adapted layer a real zero base weight for diffusers to fuse into (peft merges in place)."""

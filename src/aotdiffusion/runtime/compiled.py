@@ -4,6 +4,10 @@ Nothing here compiles: the component's unpacked AOTInductor package holds the ge
 library, which is loaded as is, and its weights blob, which AOTInductor reads from where it lies
 (nothing is extracted to a temporary folder; its CPU loader does copy the constants into memory it
 allocates, model_base.h's load_constants: about 0.8 GB/s here).
+
+A component exported at several image sizes has one graph per size (export/sizes.py): each extra size is a
+component folder of its own under ``sizes/``, loaded here with the main graph's constant tensors where they are
+the same, and :meth:`CompiledComponent.use_size` picks the graph that calls run.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from diffusers.configuration_utils import FrozenDict
 from safetensors.torch import load_file
 
 from .. import artifact
+from ..export import refit, sizes
 from . import trusted
 from .memory import keep_freed_memory
 
@@ -23,33 +28,89 @@ _DTYPES = {"float32": torch.float32, "int64": torch.int64, "int32": torch.int32}
 
 
 class CompiledComponent:
-    """A compiled graph plus the config and manifest it was exported with."""
+    """A compiled graph plus the config and manifest it was exported with (and its other image sizes' graphs)."""
 
-    def __init__(self, folder: str | Path, *, device: str | None = None, verify_checksums: bool = False):
+    def __init__(
+        self,
+        folder: str | Path,
+        *,
+        device: str | None = None,
+        verify_checksums: bool = False,
+        main: CompiledComponent | None = None,
+    ):
         self.folder = Path(folder)
-        self.name = self.folder.name
+        self.name = self.folder.name if main is None else f"{main.name} at {self.folder.name}"
         config, self.manifest = artifact.read_component(self.folder, verify_checksums=verify_checksums)
         self.config = FrozenDict(config)
         self.device = torch.device(device or self.manifest["device"])
         graph = self.manifest["graphs"][0]
-        self.inputs: list[dict[str, Any]] = graph["inputs"]
+        self._inputs: list[dict[str, Any]] = graph["inputs"]
         self.output_names: list[str] = graph["outputs"]
         if self.device.type == "cpu":
             keep_freed_memory()
-        device_index = self.device.index if self.device.index is not None else -1
-        self._runner = _load_unpacked(self.folder / graph["file"], device_index)
+        self._runner = _Runner(self.folder / graph["file"], self.device)
+        weights = self.manifest.get("weights", {})
+        self.main = main
+        # This graph's constants that are the main graph's (by its name -> the main graph's name for it).
+        self.shared: dict[str, str] = weights.get("shared", {}) if weights.get("storage") == "shared" else {}
+        if weights.get("storage") == "shared":
+            if main is None:
+                raise artifact.ArtifactError(
+                    f"{self.folder} is an extra image size of a component and shares its weights: load the "
+                    "component's folder, not this one."
+                )
+            self._runner.set_constants(self._shared_constants(main, weights))
+        else:
+            self._runner.load_blob(self.folder / weights["file"] if weights.get("file") else None)
         self._owned_constants: dict[str, torch.Tensor] = {}
+        self._reader = None
+        # Image size (height, width) -> the graph for it; this one is the first entry.
+        self.graphs: dict[tuple[int, int], CompiledComponent] = {}
+        for record in self.manifest.get("sizes", []):
+            size = (record["height"], record["width"])
+            if record["folder"] == ".":
+                self.graphs[size] = self
+            else:
+                self.graphs[size] = CompiledComponent(
+                    self.folder / record["folder"], device=device, verify_checksums=verify_checksums, main=self
+                )
+        self._active: CompiledComponent = self
+
+    @property
+    def sizes(self) -> list[tuple[int, int]]:
+        """The image sizes (height, width in pixels) this component has a graph for; empty when it does not depend
+        on the image size (a text encoder) or was compiled for one size."""
+        return list(self.graphs)
+
+    def use_size(self, height: int, width: int) -> None:
+        """Makes calls run the graph compiled for ``height`` x ``width`` images (a component with one graph, or
+        none that depends on the size, keeps it)."""
+        if not self.graphs:
+            return
+        graph = self.graphs.get((height, width))
+        if graph is None:
+            compiled = ", ".join(f"{h}x{w}" for h, w in self.graphs)
+            raise ValueError(
+                f"{self.name} was compiled for {compiled} images (height x width), not {height}x{width}: call with "
+                f"one of those, or export again with --extra-sizes {height}x{width}."
+            )
+        self._active = graph
+
+    @property
+    def inputs(self) -> list[dict[str, Any]]:
+        return self._active._inputs
 
     @property
     def static(self) -> dict[str, Any]:
-        return self.manifest["static"]
+        return self._active.manifest["static"]
 
     def input_shape(self, name: str) -> tuple[int, ...]:
         return next(tuple(spec["shape"]) for spec in self.inputs if spec["name"] == name)
 
     def __call__(self, **tensors: torch.Tensor) -> dict[str, torch.Tensor]:
+        graph = self._active
         args = []
-        for spec in self.inputs:
+        for spec in graph._inputs:
             name = spec["name"]
             if name not in tensors or tensors[name] is None:
                 raise ValueError(f"{self.name} needs the input `{name}`, which was not given.")
@@ -65,16 +126,28 @@ class CompiledComponent:
             raise ValueError(
                 f"{self.name} was compiled without the inputs {unexpected}; export again from a model that takes them."
             )
-        outputs = self._runner(*args)
-        if isinstance(outputs, torch.Tensor):
-            outputs = (outputs,)
-        return dict(zip(self.output_names, outputs))
+        return dict(zip(graph.output_names, graph._runner(args)))
+
+    def constants(self) -> dict[str, torch.Tensor]:
+        """The loaded constants by their names in the package (the tensors the compiled code reads)."""
+        return self._runner.constants()
 
     def update_constants(self, constants: dict[str, torch.Tensor]) -> None:
         """Replaces compiled constants (by their names in the package) with ``constants``, laid out as the compiled
         code reads them; the tensors are kept here, since the loaded model reads them where they lie."""
-        self._runner.loader.update_constant_buffer(constants, False, False, True)  # user-managed: no copy
+        self._runner.set_constants(constants, partial=True)
         self._owned_constants.update(constants)
+        for graph in self.graphs.values():  # the other sizes read the same tensors where they share a constant
+            if graph is not self:
+                theirs = {name: constants[source] for name, source in graph.shared.items() if source in constants}
+                if theirs:
+                    graph._runner.set_constants(theirs, partial=True)
+
+    def read_constant(self, entry: dict[str, Any]) -> bytes:
+        """The bytes the export stored for the constant of this graph's refit program ``entry``."""
+        if self._reader is None:
+            self._reader = sizes.constant_reader(self.folder, self.manifest["weights"])
+        return self._reader(entry)
 
     def load_extra_state(self, name: str) -> torch.nn.Module | None:
         """Rebuilds a small eager module saved beside the graph (e.g. CLIP's final LayerNorm)."""
@@ -90,11 +163,59 @@ class CompiledComponent:
         qualified = self.manifest.get("output_class")
         return trusted.output_class(qualified, str(self.folder / artifact.CONFIG_FILE)) if qualified else None
 
+    def _shared_constants(self, main: CompiledComponent, weights: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """This graph's constants: the main graph's tensors themselves where the export found them equal, the
+        others rebuilt from the bytes kept for them."""
+        theirs = main.constants()
+        constants = {name: theirs[source] for name, source in weights["shared"].items()}
+        own = load_file(self.folder / weights["file"])
+        if own:
+            program, fixed = refit.read_program(self.folder / artifact.PACKAGE_DIR)
+            constants.update(refit.constants_from_bytes(program, fixed, own))
+        return constants
 
-def _load_unpacked(package: Path, device_index: int) -> Any:
-    """Opens an unpacked package in place. ``aoti_load_package`` only takes a ``.pt2`` zip (which it extracts
-    to a fresh temporary folder on every load); its C++ loader also takes the unpacked folder."""
-    from torch._inductor.package.package import AOTICompiledModel
 
-    loader = torch._C._aoti.AOTIModelPackageLoader(str(package), "model", False, 1, device_index)
-    return AOTICompiledModel(loader)
+class _Runner:
+    """The loaded library of one graph. On CPU, AOTInductor's container runner opened on the library itself (it
+    lists and hands over the loaded constants, which an extra image size shares); elsewhere its package loader,
+    which opens the unpacked folder in place (``aoti_load_package`` only takes a ``.pt2`` zip, which it extracts to
+    a fresh temporary folder on every load)."""
+
+    def __init__(self, package: Path, device: torch.device):
+        self.cpu = device.type == "cpu"
+        if self.cpu:
+            library = next((p for p in sorted(package.rglob("*.wrapper.so"))), None)
+            if library is None:
+                raise artifact.ArtifactError(f"{package} holds no compiled library (*.wrapper.so): export it again.")
+            self._container = torch._C._aoti.AOTIModelContainerRunnerCpu(str(library), 1)
+            self._names: dict[str, str] | None = None
+        else:
+            from torch._inductor.package.package import AOTICompiledModel
+
+            index = device.index if device.index is not None else -1
+            self._loader = torch._C._aoti.AOTIModelPackageLoader(str(package), "model", False, 1, index)
+            self._model = AOTICompiledModel(self._loader)
+
+    def load_blob(self, blob: Path | None) -> None:
+        """The constants from the package's weights blob (the package loader reads it itself)."""
+        if self.cpu and blob is not None:
+            self._container.update_constant_buffer_from_blob(str(blob))
+
+    def set_constants(self, constants: dict[str, torch.Tensor], *, partial: bool = False) -> None:
+        """Hands ``constants`` (by internal name) to the compiled code without copying them: it reads them where
+        they lie, so the caller keeps them alive. All of them unless ``partial``."""
+        target = self._container if self.cpu else self._loader
+        target.update_constant_buffer(constants, False, not partial, True)
+
+    def constants(self) -> dict[str, torch.Tensor]:
+        if not self.cpu:
+            raise NotImplementedError("Sharing loaded constants between graphs is implemented on CPU only.")
+        if self._names is None:  # the container lists its constants by their original names
+            self._names = {fqn: name for name, fqn in self._container.get_constant_names_to_original_fqns().items()}
+        return {self._names.get(k, k): v for k, v in self._container.extract_constants_map(False).items()}
+
+    def __call__(self, args: list[torch.Tensor]) -> list[torch.Tensor]:
+        if self.cpu:
+            return self._container.run(args)
+        outputs = self._model(*args)
+        return [outputs] if isinstance(outputs, torch.Tensor) else list(outputs)

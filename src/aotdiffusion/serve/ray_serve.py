@@ -35,11 +35,12 @@ ONGOING_BATCHES = 2
 class ExportDeployment:
     """One export per replica; Ray Serve's batching hands it up to ``batch_size`` prompt entries at once."""
 
-    def __init__(self, folder: str, trust_remote_code: bool, max_wait_s: float):
+    def __init__(self, folder: str, trust_remote_code: bool, max_wait_s: float, size: tuple[int, int] | None = None):
         from .runner import Runner
 
         self.runner = Runner(folder, trust_remote_code=trust_remote_code)
         self.info = self.runner.info
+        self.size = size  # one of the export's sizes (each served by a deployment of its own)
         self.run.set_max_batch_size(self.info.batch_size)
         self.run.set_batch_wait_timeout_s(max_wait_s)
 
@@ -52,7 +53,9 @@ class ExportDeployment:
         for key, indices in groups.items():
             items = [requests[i][1] for i in indices]
             start = time.monotonic()
-            images = await asyncio.to_thread(self.runner, pack(key, items, self.info.batch_size))
+            batch = pack(key, items, self.info.batch_size)
+            batch.size = self.size
+            images = await asyncio.to_thread(self.runner, batch)
             call = {"id": uuid.uuid4().hex, "seconds": time.monotonic() - start,
                     "wanted": sum(item.wanted for item in items), "slots": self.info.slots}  # fmt: skip
             for j, index in enumerate(indices):
@@ -147,7 +150,7 @@ def build(
             num_replicas=replicas,
             ray_actor_options={"num_cpus": num_cpus, "num_gpus": num_gpus},
             max_ongoing_requests=ONGOING_BATCHES * info.batch_size,
-        ).bind(str(info.folder.resolve()), trust_remote_code, max_wait_ms / 1000)
+        ).bind(str(info.folder.resolve()), trust_remote_code, max_wait_ms / 1000, (info.height, info.width))
         exports.append((name, info, deployment))
     options: dict[str, Any] = {"api_key": api_key, "max_queue": max_queue}
     if max_upload_bytes is not None:

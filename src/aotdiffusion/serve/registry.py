@@ -45,14 +45,19 @@ class ServedExport:
     ``busy_replicas``, ``close``) is also what the Ray Serve front provides.
     """
 
-    def __init__(self, name: str, info: ExportInfo, options: ServeOptions, metrics: Metrics):
+    def __init__(self, name: str, info: ExportInfo, options: ServeOptions, metrics: Metrics,
+                 loaded: ServedExport | None = None):  # fmt: skip
+        """``loaded``: the same export at another of its sizes, whose pipeline (replicas) this one shares."""
         self.model_name, self.info = name, info
         folder = info.folder
         _, block = artifact.read_pipeline_index(folder)
         artifact.check_origin(block, folder, options.trust_remote_code)  # before any compiled code is loaded
         self.pool: ReplicaPool | None = None
         self.runner: Runner | None = None
-        if options.replicas == 1 and not options.replica_processes:
+        self.owner = loaded is None  # closes the replicas
+        if loaded is not None:
+            self.pool, self.runner = loaded.pool, loaded.runner
+        elif options.replicas == 1 and not options.replica_processes:
             self.runner = Runner(folder, trust_remote_code=options.trust_remote_code)
         else:
             devices = _devices(block["device"], options.replicas)
@@ -80,6 +85,7 @@ class ServedExport:
         return self.batcher.busy_replicas
 
     def _run(self, replica: int, batch: Batch, report) -> list[bytes]:
+        batch.size = (self.info.height, self.info.width)
         if self.runner is not None:
             return self.runner(batch, report)
         try:
@@ -93,7 +99,7 @@ class ServedExport:
 
     async def close(self) -> None:
         await self.batcher.close()
-        if self.pool is not None:
+        if self.pool is not None and self.owner:
             self.pool.close()
 
 
@@ -107,15 +113,15 @@ def check_specs(specs: Sequence[str | Path]) -> list[tuple[str, ExportInfo]]:
         name, folder = parse_spec(spec)
         if not folder.is_dir():
             raise FileNotFoundError(f"{folder} is not a folder with an exported pipeline.")
-        info = ExportInfo.read(folder)
-        size = info.size
-        if (name, size) in seen:
-            raise ValueError(
-                f"{seen[name, size]} and {folder} are both model {name!r} at {size}: serve one, or name them apart "
-                "(NAME=FOLDER)."
-            )
-        seen[name, size] = folder
-        parsed.append((name, info))
+        for info in ExportInfo.read(folder).at_sizes():
+            size = info.size
+            if (name, size) in seen:
+                raise ValueError(
+                    f"{seen[name, size]} and {folder} are both model {name!r} at {size}: serve one, or name them "
+                    "apart (NAME=FOLDER)."
+                )
+            seen[name, size] = folder
+            parsed.append((name, info))
     return parsed
 
 
@@ -161,14 +167,17 @@ class Registry:
     def load(cls, specs: Sequence[str | Path], options: ServeOptions, metrics: Metrics) -> Registry:
         models: dict[str, ServedModel] = {}
         try:
+            loaded: dict[Path, ServedExport] = {}  # one pipeline per folder, whatever sizes it serves
             for name, info in check_specs(specs):
                 model = models.setdefault(name, ServedModel(name))
-                model.exports[info.size] = ServedExport(name, info, options, metrics)
+                export = ServedExport(name, info, options, metrics, loaded.get(info.folder))
+                loaded.setdefault(info.folder, export)
+                model.exports[info.size] = export
                 model.created = model.created or int(info.folder.stat().st_mtime)
         except BaseException:
             for model in models.values():
                 for export in model.exports.values():
-                    if export.pool is not None:
+                    if export.pool is not None and export.owner:
                         export.pool.close()
             raise
         return cls(models)

@@ -8,9 +8,10 @@ returns one PNG per image slot.
 
 from __future__ import annotations
 
+import inspect
 import io
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,14 @@ class ExportInfo:
     default_guidance_scale: float
     default_steps: int
     default_strength: dict[str, float] = field(default_factory=dict)
+    # Every image size (height, width) the export holds a graph for (export --extra-sizes), the main one first.
+    sizes: tuple[tuple[int, int], ...] = ()
+
+    def at_sizes(self) -> list[ExportInfo]:
+        """This export as served at each of its compiled sizes (one pipeline, several graphs)."""
+        return [
+            replace(self, height=height, width=width) for height, width in self.sizes or [(self.height, self.width)]
+        ]
 
     @property
     def size(self) -> str:
@@ -115,6 +124,7 @@ class ExportInfo:
             default_guidance_scale=guidance,
             default_steps=DEFAULT_STEPS.get(family, DEFAULT_STEPS_OTHERWISE),
             default_strength=strengths,
+            sizes=tuple(tuple(size) for size in block.get("sizes", [])),
         )
 
 
@@ -134,6 +144,7 @@ class Batch:
     strength: float | None = None
     images: list[Any] | None = None  # PIL images, one per prompt (image-to-image, inpainting)
     masks: list[Any] | None = None  # PIL "L" masks, white = repaint (inpainting)
+    size: tuple[int, int] | None = None  # (height, width): one of the export's sizes; None is its main one
 
 
 class Runner:
@@ -165,6 +176,8 @@ class Runner:
             "generator": [torch.Generator().manual_seed(seed) for seed in batch.seeds],
             "output_type": "pil",
         }
+        if batch.size is not None and "height" in inspect.signature(pipe.diffusers_class.__call__).parameters:
+            call["height"], call["width"] = batch.size  # image-to-image takes the size of its (resized) images
         if batch.negative_prompts is not None:
             call["negative_prompt"] = batch.negative_prompts
         if batch.strength is not None:
