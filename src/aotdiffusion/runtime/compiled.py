@@ -59,10 +59,12 @@ class CompiledComponent:
                     f"{self.folder} is an extra image size of a component and shares its weights: load the "
                     "component's folder, not this one."
                 )
-            self._runner.set_constants(self._shared_constants(main, weights))
+            # Kept here: the compiled code reads them where they lie (the main graph keeps its own alive).
+            self._owned_constants: dict[str, torch.Tensor] = self._shared_constants(main, weights)
+            self._runner.set_constants(self._owned_constants)
         else:
             self._runner.load_blob(self.folder / weights["file"] if weights.get("file") else None)
-        self._owned_constants: dict[str, torch.Tensor] = {}
+            self._owned_constants = {}
         self._reader = None
         # Image size (height, width) -> the graph for it; this one is the first entry.
         self.graphs: dict[tuple[int, int], CompiledComponent] = {}
