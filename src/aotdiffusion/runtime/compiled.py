@@ -12,6 +12,7 @@ the same, and :meth:`CompiledComponent.use_size` picks the graph that calls run.
 
 from __future__ import annotations
 
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -48,9 +49,12 @@ class CompiledComponent:
         self.output_names: list[str] = graph["outputs"]
         if self.device.type == "cpu":
             keep_freed_memory()
-        self._runner = _Runner(self.folder / graph["file"], self.device)
         weights = self.manifest.get("weights", {})
-        self.main = main
+        # Only graphs that share constants need the runner that hands them over; the others load as before.
+        sharing = main is not None or len(self.manifest.get("sizes", [])) > 1
+        self._runner = _Runner(self.folder / graph["file"], self.device, sharing=sharing)
+        # A weak reference: the main graph owns its sizes' graphs (no cycle, so they are freed when it is).
+        self.main = weakref.proxy(main) if main is not None else None
         # This graph's constants that are the main graph's (by its name -> the main graph's name for it).
         self.shared: dict[str, str] = weights.get("shared", {}) if weights.get("storage") == "shared" else {}
         if weights.get("storage") == "shared":
@@ -66,17 +70,29 @@ class CompiledComponent:
             self._runner.load_blob(self.folder / weights["file"] if weights.get("file") else None)
             self._owned_constants = {}
         self._reader = None
-        # Image size (height, width) -> the graph for it; this one is the first entry.
-        self.graphs: dict[tuple[int, int], CompiledComponent] = {}
+        # Image size (height, width) -> the graph for it, but this one's own (kept apart: no reference cycle).
+        self._own_size: tuple[int, int] | None = None
+        self._others: dict[tuple[int, int], CompiledComponent] = {}
         for record in self.manifest.get("sizes", []):
             size = (record["height"], record["width"])
             if record["folder"] == ".":
-                self.graphs[size] = self
+                self._own_size = size
             else:
-                self.graphs[size] = CompiledComponent(
+                self._others[size] = CompiledComponent(
                     self.folder / record["folder"], device=device, verify_checksums=verify_checksums, main=self
                 )
-        self._active: CompiledComponent = self
+        self._active_size: tuple[int, int] | None = None  # None: this graph
+
+    @property
+    def graphs(self) -> dict[tuple[int, int], CompiledComponent]:
+        """Image size (height, width) -> the graph for it, this one first; empty for a component with one graph."""
+        if self._own_size is None:
+            return {}
+        return {self._own_size: self, **self._others}
+
+    @property
+    def _active(self) -> CompiledComponent:
+        return self._others.get(self._active_size, self)
 
     @property
     def sizes(self) -> list[tuple[int, int]]:
@@ -89,14 +105,13 @@ class CompiledComponent:
         none that depends on the size, keeps it)."""
         if not self.graphs:
             return
-        graph = self.graphs.get((height, width))
-        if graph is None:
+        if (height, width) not in self.graphs:
             compiled = ", ".join(f"{h}x{w}" for h, w in self.graphs)
             raise ValueError(
                 f"{self.name} was compiled for {compiled} images (height x width), not {height}x{width}: call with "
                 f"one of those, or export again with --extra-sizes {height}x{width}."
             )
-        self._active = graph
+        self._active_size = (height, width)
 
     @property
     def inputs(self) -> list[dict[str, Any]]:
@@ -139,11 +154,10 @@ class CompiledComponent:
         code reads them; the tensors are kept here, since the loaded model reads them where they lie."""
         self._runner.set_constants(constants, partial=True)
         self._owned_constants.update(constants)
-        for graph in self.graphs.values():  # the other sizes read the same tensors where they share a constant
-            if graph is not self:
-                theirs = {name: constants[source] for name, source in graph.shared.items() if source in constants}
-                if theirs:
-                    graph._runner.set_constants(theirs, partial=True)
+        for graph in self._others.values():  # the other sizes read the same tensors where they share a constant
+            theirs = {name: constants[source] for name, source in graph.shared.items() if source in constants}
+            if theirs:
+                graph._runner.set_constants(theirs, partial=True)
 
     def read_constant(self, entry: dict[str, Any]) -> bytes:
         """The bytes the export stored for the constant of this graph's refit program ``entry``."""
@@ -178,13 +192,14 @@ class CompiledComponent:
 
 
 class _Runner:
-    """The loaded library of one graph. On CPU, AOTInductor's container runner opened on the library itself (it
-    lists and hands over the loaded constants, which an extra image size shares); elsewhere its package loader,
-    which opens the unpacked folder in place (``aoti_load_package`` only takes a ``.pt2`` zip, which it extracts to
-    a fresh temporary folder on every load)."""
+    """The loaded library of one graph. For a graph that shares constants with another (``sharing``: several image
+    sizes) on CPU, AOTInductor's container runner opened on the library itself (it lists and hands over the
+    loaded constants); otherwise its package loader, which opens the unpacked folder in place
+    (``aoti_load_package`` only takes a ``.pt2`` zip, which it extracts to a fresh temporary folder on every
+    load)."""
 
-    def __init__(self, package: Path, device: torch.device):
-        self.cpu = device.type == "cpu"
+    def __init__(self, package: Path, device: torch.device, *, sharing: bool):
+        self.cpu = device.type == "cpu" and sharing
         if self.cpu:
             library = next((p for p in sorted(package.rglob("*.wrapper.so"))), None)
             if library is None:
