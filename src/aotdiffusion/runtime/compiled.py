@@ -38,7 +38,10 @@ class CompiledComponent:
         device: str | None = None,
         verify_checksums: bool = False,
         main: CompiledComponent | None = None,
+        share: bool = False,
     ):
+        """``main``: the main graph of the component whose extra image size ``folder`` is; ``share``: load so that
+        :meth:`constants` can hand this graph's constants to another (what an export with extra sizes does)."""
         self.folder = Path(folder)
         self.name = self.folder.name if main is None else f"{main.name} at {self.folder.name}"
         config, self.manifest = artifact.read_component(self.folder, verify_checksums=verify_checksums)
@@ -51,7 +54,7 @@ class CompiledComponent:
             keep_freed_memory()
         weights = self.manifest.get("weights", {})
         # Only graphs that share constants need the runner that hands them over; the others load as before.
-        sharing = main is not None or len(self.manifest.get("sizes", [])) > 1
+        sharing = share or main is not None or len(self.manifest.get("sizes", [])) > 1
         self._runner = _Runner(self.folder / graph["file"], self.device, sharing=sharing)
         # A weak reference: the main graph owns its sizes' graphs (no cycle, so they are freed when it is).
         self.main = weakref.proxy(main) if main is not None else None
