@@ -576,7 +576,6 @@ class AOTPipelineMixin:
         else:  # diffusers' image-to-image takes its size from the image: the compiled size it has, if any
             asked = image_size(call.get("image"))
             asked = asked if asked in self.compiled_sizes else (shapes.height, shapes.width)
-        size = asked
         if asked not in self.compiled_sizes:
             compiled = ", ".join(f"{h}x{w}" for h, w in self.compiled_sizes)
             raise ValueError(
@@ -594,7 +593,7 @@ class AOTPipelineMixin:
                 f"{shapes.num_images_per_prompt}, or export again with --num-images-per-prompt {nipp}."
             )
         self._check_guidance(call)
-        return size
+        return asked
 
     def _check_guidance(self, call: dict[str, Any]) -> None:
         shapes = self.static_shapes
