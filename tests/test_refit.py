@@ -47,8 +47,8 @@ def _manifest(folder, component):
     return json.loads((folder / component / artifact.CONFIG_FILE).read_text())[artifact.MANIFEST_KEY]
 
 
-def test_every_float_export_records_a_verified_refit_program(sd_fp32, sd_winograd, sd_deep_cache):
-    for folder in (sd_fp32, sd_winograd, sd_deep_cache):
+def test_every_float_export_records_a_verified_refit_program(sd_fp32, sd_winograd, sd_deep_cache, sd_bf16_winograd):
+    for folder in (sd_fp32, sd_winograd, sd_deep_cache, sd_bf16_winograd):
         for component in artifact.read_pipeline_index(folder)[1]["components"]:
             record = _manifest(folder, component)["refit"]
             assert record["available"], (folder.name, component, record)

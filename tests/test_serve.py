@@ -11,6 +11,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+from conftest import BF16_ATOL, BF16_MIN_PSNR, psnr
 from PIL import Image
 from serving import LiveServer, decode, metric, png
 
@@ -316,10 +317,6 @@ def test_web_page_in_headless_chromium(server):
             browser.close()
 
 
-# bf16 against itself in another batch: the tolerance bf16 gets against eager fp32 (test_pipeline.py).
-BF16_ATOL, BF16_MIN_PSNR = 0.05, 35.0
-
-
 def test_several_models_and_sizes(sd_batch4, sd_bf16_wide, sd_fp32):
     """One model at two compiled sizes (fp32 batch 4 and bf16 batch 2) plus a second model; bf16 batched
     images stay within bf16's tolerance of their solo images."""
@@ -345,7 +342,7 @@ def test_several_models_and_sizes(sd_batch4, sd_bf16_wide, sd_fp32):
             difference = float(np.abs(batched - solo).max())
             assert difference < BF16_ATOL
             if difference > 0:
-                assert 10 * np.log10(1 / float(((batched - solo) ** 2).mean())) > BF16_MIN_PSNR
+                assert psnr(batched, solo) > BF16_MIN_PSNR
         assert wide.info.tasks == ("text-to-image",)
         files = {"image": ("i.png", png(Image.new("RGB", (96, 64))), "image/png")}
         response = api.post("/v1/images/edits", data={"prompt": "x", "model": "sd", "size": "96x64"}, files=files)

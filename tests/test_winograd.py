@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import every_conv_timed, run_pipe
+from conftest import BF16_ATOL, BF16_MIN_PSNR, every_conv_timed, psnr, run_pipe
 
 from aotdiffusion import artifact
 from aotdiffusion.export import winograd
@@ -36,6 +36,24 @@ def test_conv3x3_is_the_convolution(tile, n, c, k, h, w, bias):
         assert y.shape == reference.shape and y.dtype == torch.float32
         error = (y.double() - reference).abs().max() / reference.abs().max()
         assert error < ROUNDING[tile], (tile, layout, float(error))
+
+
+@pytest.mark.parametrize(("n", "c", "k", "h", "w"), [(2, 64, 48, 16, 16), (1, 32, 40, 9, 14)])
+def test_conv3x3_in_bf16_rounds_about_as_a_direct_bf16_convolution(n, c, k, h, w):
+    """bf16 runs F(2x2,3x3) only: its error over the output's range stays within 3x a direct bf16 convolution's
+    on the same bf16 inputs (measured 2x on SD 1.5's shapes), and the output keeps the input's type."""
+    assert winograd.TILES_BY_DTYPE[torch.bfloat16] == (2,)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(n, c, h, w, generator=gen).bfloat16().contiguous(memory_format=torch.channels_last)
+    weight = (torch.randn(k, c, 3, 3, generator=gen) / (c * 9) ** 0.5).bfloat16()
+    bias = torch.randn(k, generator=gen).bfloat16()
+    reference = F.conv2d(x.double(), weight.double(), bias.double(), padding=1)
+    scale = reference.abs().max()
+    direct = (F.conv2d(x, weight, bias, padding=1).double() - reference).abs().max() / scale
+    y = winograd.conv3x3(x, weight, bias, 2)
+    assert y.dtype == torch.bfloat16 and y.shape == reference.shape
+    error = (y.double() - reference).abs().max() / scale
+    assert error < 3 * direct, (float(error), float(direct))
 
 
 def test_only_dense_same_padded_3x3_convolutions_are_eligible():
@@ -73,6 +91,23 @@ def test_winograd_export_runs_winograd_and_matches_eager(sd_winograd, sd_fp32, e
     # The pipeline's images: the same as eager fp32 up to Winograd's rounding.
     images, reference = run_pipe(load(sd_winograd)), run_pipe(eager_sd)
     assert abs(images - reference).max() < 1e-3
+
+
+def test_bf16_winograd_export_runs_f2_and_matches_eager(sd_bf16_winograd, sd_bf16_cli, eager_sd, load):
+    """With every op in bf16 the convolutions are timed (and compiled) in bf16, as F(2x2,3x3) only; the export
+    validates and its images stay within the bf16 tolerance of eager fp32."""
+    unet = _manifest(sd_bf16_winograd, "unet")
+    choice = unet["conv_algorithm_choice"]
+    assert choice["used"] == "winograd" and choice["dtype"] == "bf16"
+    timed = {s["key"]: s for s in choice["shapes"]}
+    assert timed and all(set(s["ms"]) == {"direct", "winograd2"} and s["chosen"] == "winograd2" for s in timed.values())
+    assert unet["compiler"]["winograd"] == dict.fromkeys(timed, 2)
+    assert unet["compiler"]["auto_cast"] == "all" and unet["validation"]["max_rel_error"] < 6e-2
+    code, direct_code = _generated_code(sd_bf16_winograd, "unet"), _generated_code(sd_bf16_cli[0], "unet")
+    assert "bmm" in code
+    assert code.count("mkldnn__convolution_pointwise") < direct_code.count("mkldnn__convolution_pointwise")
+    images, reference = run_pipe(load(sd_bf16_winograd)), run_pipe(eager_sd)
+    assert abs(images - reference).max() < BF16_ATOL and psnr(images, reference) > BF16_MIN_PSNR
 
 
 def test_auto_keeps_the_faster_algorithm_per_shape(tiny_sd, sd_winograd):

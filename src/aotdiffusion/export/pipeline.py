@@ -292,10 +292,10 @@ def export_pipeline(
                 if attention_choice is not None:
                     log(f"{step}: {attention_choice.describe()}")
                 tries = [replace(candidate, attention=chosen_attention) for candidate in tries]
-            fp32 = _Fp32Kernels(spec, options, ops, step, log, compile_cache)
+            kernels = _KernelChoices(spec, options, ops, step, log, compile_cache)
             manifest = None
             for attempt, candidate in enumerate(tries):
-                variants = fp32.options(candidate)
+                variants = kernels.options(candidate)
                 for spec_options in variants:
                     last = attempt == len(tries) - 1 and spec_options is variants[-1]
                     manifest, report = _compile_and_validate(spec, spec_options, folder / spec.name, step, validate,
@@ -304,7 +304,7 @@ def export_pipeline(
                         break
                 if manifest is not None:
                     break
-            linear_choice, conv_choice = fp32.linear, fp32.conv
+            linear_choice, conv_choice = kernels.linear, kernels.conv
             if choice is not None:
                 chosen[spec.name] = INT8 if spec_options.quantize == INT8 else spec_options.precision.auto_cast_type
                 manifest["precision_choice"] = {**choice.to_dict(), "chosen": chosen[spec.name]}
@@ -343,36 +343,51 @@ def export_pipeline(
     return results
 
 
-class _Fp32Kernels:
-    """A component's fp32 kernel choices (MKL or oneDNN linears, direct or Winograd 3x3 convolutions), timed the
-    first time an fp32 candidate is about to compile: where a faster type validates, nothing is timed for fp32."""
+class _KernelChoices:
+    """A component's kernel choices: MKL or oneDNN fp32 linears, timed the first time an fp32 candidate is about
+    to compile, and direct or Winograd 3x3 convolutions, timed in the type of the first candidate that computes
+    them in fp32 or bf16 (every op in bf16): where a faster type validates, nothing is timed for the others."""
 
     def __init__(self, spec: ComponentSpec, options: CompilerOptions, ops, step: str, log, cache) -> None:
         self.spec, self.base, self.ops, self.step, self.log, self.cache = spec, options, ops, step, log, cache
         self.linear: LinearChoice | None = None
+        self.linear_timed = False
+        self.convs: dict[torch.dtype, winograd.ConvChoice | None] = {}
+        # The convolution choice of the last candidate that had one (what the manifest records).
         self.conv: winograd.ConvChoice | None = None
-        self.timed = False
 
     def options(self, candidate: CompilerOptions) -> list[CompilerOptions]:
         """The candidate's options with these choices resolved: Winograd first where it timed faster, then direct."""
-        if _computes_in_fp32(candidate) and not self.timed:
-            self.timed = True
-            self._time()
-        return _with_conv_choice(_with_fp32_linear(candidate, self.linear), self.conv)
+        if _computes_in_fp32(candidate) and not self.linear_timed:
+            self.linear_timed = True
+            self._time_linears()
+        dtype = _winograd_dtype(candidate)
+        if dtype is not None and dtype not in self.convs:
+            self.convs[dtype] = self._time_convs(dtype)
+        choice = self.convs.get(dtype) if dtype is not None else None
+        self.conv = choice or self.conv
+        return _with_conv_choice(_with_fp32_linear(candidate, self.linear), choice)
 
-    def _time(self) -> None:
-        spec, options, step, device = self.spec, self.base, self.step, self.base.device
-        if options.fp32_linear == "auto":
-            self.linear = choose_fp32_linear(spec, device, ops=self.ops, reuse=self.cache)
+    def _time_linears(self) -> None:
+        if self.base.fp32_linear == "auto":
+            self.linear = choose_fp32_linear(self.spec, self.base.device, ops=self.ops, reuse=self.cache)
             if self.linear is not None:
-                self.log(f"{step}: {self.linear.describe()}")
-        if options.conv_algorithm != "direct":
-            self.ops = self.ops or dominant_ops(spec)
-            if device == "cpu" and winograd.eligible_ops(self.ops[0]):
-                self.log(f"{step}: timing its 3x3 convolutions direct and as Winograd on this {device}")
-                force = options.conv_algorithm == "winograd"
-                self.conv = winograd.choose(self.ops[0], device, force=force, reuse=self.cache)
-                self.log(f"{step}: {self.conv.describe()}")
+                self.log(f"{self.step}: {self.linear.describe()}")
+
+    def _time_convs(self, dtype: torch.dtype) -> winograd.ConvChoice | None:
+        options, step, device = self.base, self.step, self.base.device
+        if options.conv_algorithm == "direct":
+            return None
+        self.ops = self.ops or dominant_ops(self.spec)
+        if device != "cpu" or not winograd.eligible_ops(self.ops[0]):
+            return None
+        name = "bf16" if dtype == torch.bfloat16 else "fp32"
+        self.log(f"{step}: timing its {name} 3x3 convolutions direct and as Winograd on this {device}")
+        force = options.conv_algorithm == "winograd"
+        choice = winograd.choose(self.ops[0], device, dtype=dtype, force=force, reuse=self.cache)
+        if choice is not None:
+            self.log(f"{step}: {choice.describe()}")
+        return choice
 
 
 def _options_for(options: CompilerOptions, candidate: str) -> CompilerOptions:
@@ -400,11 +415,23 @@ def _with_fp32_linear(options: CompilerOptions, choice: LinearChoice | None) -> 
     return replace(options, fp32_linear=kernel)
 
 
+def _winograd_dtype(options: CompilerOptions) -> torch.dtype | None:
+    """The type a candidate's convolutions would run Winograd in: fp32, or bf16 where every op is bf16 (with
+    matmuls alone in bf16 the convolutions' inputs are fp32 casts: no Winograd); None for the others."""
+    if _computes_in_fp32(options):
+        return torch.float32
+    precision = options.precision
+    if options.quantize == "none" and precision.auto_cast == "all" and precision.low_dtype in winograd.TILES_BY_DTYPE:
+        return precision.low_dtype
+    return None
+
+
 def _with_conv_choice(options: CompilerOptions, choice: winograd.ConvChoice | None) -> list[CompilerOptions]:
-    """Resolves ``conv_algorithm``: where fp32 convolutions run and Winograd was faster for some shapes, those
-    options first, then the same with every convolution direct (tried if Winograd fails validation)."""
+    """Resolves ``conv_algorithm``: where fp32 (or all-bf16) convolutions run and Winograd was faster for some
+    shapes, those options first, then the same with every convolution direct (tried if Winograd fails
+    validation). ``choice`` was timed in the candidate's type."""
     direct = replace(options, conv_algorithm="direct", winograd=())
-    if choice is None or not choice.tiles() or not _computes_in_fp32(options):
+    if choice is None or not choice.tiles() or _winograd_dtype(options) is None:
         return [direct]
     return [replace(options, winograd=tuple(sorted(choice.tiles().items()))), direct]
 

@@ -14,6 +14,13 @@ vectorised loops over the channels), and the (m+2)^2 products per tile are one b
 Whether that beats oneDNN's direct kernel depends on the shape (the transforms move memory; at 8x8 or at the
 VAE's 512x512 they cost more than they save), so the export times both per convolution shape and keeps the
 faster one.
+
+In bf16 only F(2x2, 3x3) is tried: the transformed tiles are rounded to bf16 before the products, and F(4x4,
+3x3)'s larger coefficients then cost about a tenth of the output's range (measured 9e-2 to 1.1e-1 on SD 1.5's
+shapes), where F(2x2, 3x3) costs about twice a direct bf16 convolution's rounding (6e-3 to 8e-3 against
+3e-3 to 4e-3). The weight transform is computed in fp32 and rounded once. On an AMD EPYC Zen 4 (family 25
+model 17, AVX512-BF16, 2 cores), F(2x2, 3x3) in bf16 ran SD 1.5's UNet convolutions 1.2-1.6x faster than
+oneDNN's prepacked direct bf16 kernels (64x64 to 16x16; slower at 8x8).
 """
 
 from __future__ import annotations
@@ -35,6 +42,8 @@ CONV_ALGORITHMS = ("auto", "direct", "winograd")
 # Output tile sizes m of F(m x m, 3 x 3) that are tried. Larger tiles save more multiplications but need
 # larger transform coefficients (F(6x6, 3x3) loses about 3 more decimal digits in fp32) and more memory.
 TILES = (2, 4)
+# The tiles tried in each type (module docstring: F(4x4,3x3) is too coarse in bf16).
+TILES_BY_DTYPE: dict[torch.dtype, tuple[int, ...]] = {torch.float32: TILES, torch.bfloat16: (2,)}
 
 # B^T, G, A^T of F(2, 3) and F(4, 3) (Lavin & Gray 2015, interpolation points 0, +-1 / 0, +-1, +-2, inf).
 _MATRICES: dict[int, tuple[list[list[float]], list[list[float]], list[list[float]]]] = {
@@ -65,6 +74,9 @@ _MATRICES: dict[int, tuple[list[list[float]], list[list[float]], list[list[float
 }
 
 
+_DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16"}
+
+
 def eligible(weight_shape: tuple, stride: tuple, padding: tuple, dilation: tuple, groups: int) -> bool:
     """A dense 3x3 convolution with stride 1 and "same" padding: what the Winograd path computes."""
     return (
@@ -90,14 +102,15 @@ def _combine(terms: list[torch.Tensor], coefficients: list[float]) -> torch.Tens
 
 
 def transform_weight(weight: torch.Tensor, tile: int) -> torch.Tensor:
-    """G g G^T for every (output, input) channel pair, laid out [(m+2)^2, C_in, C_out] for the batched product.
+    """G g G^T for every (output, input) channel pair, laid out [(m+2)^2, C_in, C_out] for the batched product,
+    in ``weight``'s type (computed in fp32: a bf16 weight is rounded once, after the transform).
 
     Depends on the weights only: with freezing, AOTInductor computes it once at compile time.
     """
     _, g, _ = _MATRICES[tile]
-    g = torch.tensor(g, dtype=weight.dtype, device=weight.device)
+    g = torch.tensor(g, dtype=torch.float32, device=weight.device)
     alpha = tile + 2
-    u = torch.einsum("ai,kcij,bj->abck", g, weight, g)
+    u = torch.einsum("ai,kcij,bj->abck", g, weight.float(), g).to(weight.dtype)
     return u.reshape(alpha * alpha, weight.shape[1], weight.shape[0])
 
 
@@ -163,7 +176,7 @@ def _winograd_forward(conv: torch.nn.Conv2d, tiles: dict[str, int]) -> Callable[
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         tile = tiles.get(shape_key(tuple(x.shape), tuple(conv.weight.shape)))
-        if tile is None or x.dtype != torch.float32:
+        if tile is None or tile not in TILES_BY_DTYPE.get(x.dtype, ()) or conv.weight.dtype != x.dtype:
             return direct(x)
         return conv3x3(x, conv.weight, conv.bias, tile)
 
@@ -176,6 +189,7 @@ class ConvChoice:
 
     shapes: list[dict[str, Any]]  # {"key", "count", "ms": {"direct", "winograd2", "winograd4"}, "chosen"}
     remembered: bool = False
+    dtype: str = "fp32"  # the type the convolutions were timed (and are compiled) in
 
     def tiles(self) -> dict[str, int]:
         return {s["key"]: int(s["chosen"].removeprefix("winograd")) for s in self.shapes if s["chosen"] != "direct"}
@@ -196,7 +210,8 @@ class ConvChoice:
     def to_dict(self) -> dict[str, Any]:
         return {
             "method": "timed oneDNN's prepacked direct convolution against Winograd F(2x2,3x3) and F(4x4,3x3) "
-            "compiled by inductor, per fp32 3x3 convolution shape",
+            f"compiled by inductor, per {self.dtype} 3x3 convolution shape",
+            "dtype": self.dtype,
             "shapes": self.shapes,
             "seconds": {"direct": round(self.seconds("direct"), 6), "chosen": round(self.seconds("chosen"), 6)},
         }
@@ -225,41 +240,53 @@ def eligible_ops(ops: list[tuple[Op, int]]) -> list[tuple[Op, int]]:
     return largest(convs, sum(op.flops * count for op, count in convs), _FLOP_SHARE, _MAX_SHAPES)
 
 
-def choose(ops: list[tuple[Op, int]], device: str, *, force: bool = False, reuse: bool = False) -> ConvChoice | None:
-    """Times each eligible fp32 3x3 convolution shape (from ``dominant_ops``) direct and as Winograd.
+def choose(
+    ops: list[tuple[Op, int]],
+    device: str,
+    *,
+    dtype: torch.dtype = torch.float32,
+    force: bool = False,
+    reuse: bool = False,
+) -> ConvChoice | None:
+    """Times each eligible 3x3 convolution shape (from ``dominant_ops``) in ``dtype`` (fp32 or bf16) direct and
+    as Winograd with each of :data:`TILES_BY_DTYPE`'s tiles.
 
     ``force`` (``--conv-algorithm winograd``): every timed shape runs as Winograd, with the faster tile.
     ``reuse``: a shape this machine timed before (for another export, or the UNet's step-caching graph) is not
     timed again (measurements.py). None where there is nothing to choose (not a CPU, no convolution worth it).
     """
     convs = eligible_ops(ops)
-    if device != "cpu" or not convs:
+    if device != "cpu" or not convs or dtype not in TILES_BY_DTYPE:
         return None
+    tiles, dtype_name = TILES_BY_DTYPE[dtype], _DTYPE_NAMES[dtype]
     shapes, remembered = [], True
     with torch.no_grad():
         for op, count in convs:
             x_shape, w_shape = op.shapes[0], op.shapes[1]
-            key = measurements.key("conv algorithm", [op], ["direct", *(f"winograd{t}" for t in TILES)], {}, device)
+            algorithms = ["direct", *(f"winograd{t}" for t in tiles)]
+            # fp32's key is as before this took a type, so that earlier exports' timings are still found.
+            key = measurements.key("conv algorithm", [op], algorithms if dtype == torch.float32 else
+                                   [dtype_name, *algorithms], {}, device)  # fmt: skip
             ms = (measurements.recall(key) or {}).get("ms") if reuse else None
             if ms is None:
                 remembered = False
-                ms = {"direct": _seconds(_runner(op, torch.float32, device), device) * 1e3}
-                for tile in TILES:
-                    ms[f"winograd{tile}"] = _seconds(_compiled_winograd(x_shape, w_shape, tile), device) * 1e3
+                ms = {"direct": _seconds(_runner(op, dtype, device), device) * 1e3}
+                for tile in tiles:
+                    ms[f"winograd{tile}"] = _seconds(_compiled_winograd(x_shape, w_shape, tile, dtype), device) * 1e3
                 measurements.remember(key, {"ms": ms})
             names = [name for name in ms if not (force and name == "direct")]
             chosen = min(names, key=ms.__getitem__)
             shapes.append({"key": shape_key(x_shape, w_shape), "count": count, "ms": ms, "chosen": chosen})
-    return ConvChoice(shapes, remembered=remembered)
+    return ConvChoice(shapes, remembered=remembered, dtype=dtype_name)
 
 
-def _compiled_winograd(x_shape: tuple, w_shape: tuple, tile: int) -> Callable[[], Any]:
+def _compiled_winograd(x_shape: tuple, w_shape: tuple, tile: int, dtype: torch.dtype) -> Callable[[], Any]:
     """The Winograd convolution of these shapes as the export compiles it: the weight transform done once
     (freezing folds it into a constant there), the rest compiled by inductor."""
     gen = torch.Generator().manual_seed(0)
-    weight = torch.randn(w_shape, generator=gen) / math.sqrt(w_shape[1] * 9)
-    u, bias = transform_weight(weight, tile).contiguous(), torch.zeros(w_shape[0])
-    x = torch.randn(x_shape, generator=gen).to(memory_format=torch.channels_last)
+    weight = (torch.randn(w_shape, generator=gen) / math.sqrt(w_shape[1] * 9)).to(dtype)
+    u, bias = transform_weight(weight, tile).contiguous(), torch.zeros(w_shape[0], dtype=dtype)
+    x = torch.randn(x_shape, generator=gen).to(dtype=dtype, memory_format=torch.channels_last)
     # A fresh compile per shape: dynamo stops recompiling one function after a few shapes and runs it eagerly.
     torch._dynamo.reset()
     compiled = torch.compile(partial(_transformed_conv3x3, tile=tile))
