@@ -207,10 +207,15 @@ class ConvChoice:
             f"shapes): {self.seconds('direct') * 1e3:.0f} ms direct -> {self.seconds('chosen') * 1e3:.0f} ms{tail}"
         )
 
+    def _tiles_tried(self) -> str:
+        names = {name for shape in self.shapes for name in shape["ms"] if name != "direct"}
+        tiles = sorted(int(name.removeprefix("winograd")) for name in names)
+        return " and ".join(f"F({t}x{t},3x3)" for t in tiles)
+
     def to_dict(self) -> dict[str, Any]:
         return {
-            "method": "timed oneDNN's prepacked direct convolution against Winograd F(2x2,3x3) and F(4x4,3x3) "
-            f"compiled by inductor, per {self.dtype} 3x3 convolution shape",
+            "method": f"timed oneDNN's prepacked direct convolution against Winograd {self._tiles_tried()} compiled "
+            f"by inductor, per {self.dtype} 3x3 convolution shape",
             "dtype": self.dtype,
             "shapes": self.shapes,
             "seconds": {"direct": round(self.seconds("direct"), 6), "chosen": round(self.seconds("chosen"), 6)},
