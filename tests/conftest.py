@@ -390,25 +390,24 @@ def every_conv_timed():
         winograd._MIN_FLOPS, winograd._MIN_CHANNELS, winograd._MAX_SHAPES = saved
 
 
+def _winograd_export(tiny_sd: Path, folder: Path, **precision) -> Path:
+    """Every timed 3x3 convolution as Winograd (the faster tile of those tried in the export's type)."""
+    with every_conv_timed():
+        return _export(tiny_sd, folder, conv_algorithm="winograd", vae_encoder=False, **precision)
+
+
 @pytest.fixture(scope="session")
 @built_once
 def sd_winograd(tiny_sd, tmp_path_factory):
-    with every_conv_timed():
-        return _export(
-            tiny_sd, tmp_path_factory.mktemp("exports") / "sd-winograd", auto_cast="none", conv_algorithm="winograd",
-            vae_encoder=False,
-        )  # fmt: skip
+    return _winograd_export(tiny_sd, tmp_path_factory.mktemp("exports") / "sd-winograd", auto_cast="none")
 
 
 @pytest.fixture(scope="session")
 @built_once
 def sd_bf16_winograd(tiny_sd, tmp_path_factory):
-    """Every op in bf16, every timed 3x3 convolution as Winograd F(2x2,3x3) (the only bf16 tile)."""
-    with every_conv_timed():
-        return _export(
-            tiny_sd, tmp_path_factory.mktemp("exports") / "sd-bf16-winograd", auto_cast="all", auto_cast_type="bf16",
-            conv_algorithm="winograd", vae_encoder=False,
-        )  # fmt: skip
+    """Every op in bf16: F(2x2,3x3), the only bf16 tile."""
+    folder = tmp_path_factory.mktemp("exports") / "sd-bf16-winograd"
+    return _winograd_export(tiny_sd, folder, auto_cast="all", auto_cast_type="bf16")
 
 
 # Under pytest-xdist each file runs whole on one worker, files handed out in collection order: the longest
