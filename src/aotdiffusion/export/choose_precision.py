@@ -79,7 +79,7 @@ class Choice:
     def to_dict(self) -> dict[str, Any]:
         return {
             "method": "timed the component's largest convolution/linear/attention shapes in each candidate type",
-            "seconds": {c: round(s, 6) for c, s in self.seconds.items()},
+            "seconds": {c: round(s, 9) for c, s in self.seconds.items()},  # ns: a tiny model's shapes take microseconds
             "ranked": self.ranked,
             "ops_timed": self.ops_timed,
             "flop_share": round(self.flop_share, 3),
@@ -105,7 +105,7 @@ class LinearChoice:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "seconds": {k: round(v, 6) for k, v in self.seconds.items()},
+            "seconds": {k: round(v, 9) for k, v in self.seconds.items()},
             "shapes_timed": self.shapes_timed,
             "kernel": self.kernel,
         }
