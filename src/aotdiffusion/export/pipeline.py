@@ -381,7 +381,7 @@ class _KernelChoices:
         self.ops = self.ops or dominant_ops(self.spec)
         if device != "cpu" or not winograd.eligible_ops(self.ops[0]):
             return None
-        name = "bf16" if dtype == torch.bfloat16 else "fp32"
+        name = winograd.DTYPE_NAMES[dtype]
         self.log(f"{step}: timing its {name} 3x3 convolutions direct and as Winograd on this {device}")
         force = options.conv_algorithm == "winograd"
         choice = winograd.choose(self.ops[0], device, dtype=dtype, force=force, reuse=self.cache)

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 
 from . import measurements
 from .choose_precision import Op, _runner, _seconds, largest
+from .precision import AUTO_CAST_TYPES
 
 CONV_ALGORITHMS = ("auto", "direct", "winograd")
 # Output tile sizes m of F(m x m, 3 x 3) that are tried. Larger tiles save more multiplications but need
@@ -74,7 +75,8 @@ _MATRICES: dict[int, tuple[list[list[float]], list[list[float]], list[list[float
 }
 
 
-_DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16"}
+# The names the export uses for each type ("fp32", "bf16"), in measurement keys, manifests and its log.
+DTYPE_NAMES = {dtype: name for name, dtype in AUTO_CAST_TYPES.items()}
 
 
 def eligible(weight_shape: tuple, stride: tuple, padding: tuple, dilation: tuple, groups: int) -> bool:
@@ -263,7 +265,7 @@ def choose(
     convs = eligible_ops(ops)
     if device != "cpu" or not convs or dtype not in TILES_BY_DTYPE:
         return None
-    tiles, dtype_name = TILES_BY_DTYPE[dtype], _DTYPE_NAMES[dtype]
+    tiles, dtype_name = TILES_BY_DTYPE[dtype], DTYPE_NAMES[dtype]
     shapes, remembered = [], True
     with torch.no_grad():
         for op, count in convs:
