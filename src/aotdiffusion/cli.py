@@ -155,7 +155,7 @@ def _parser() -> argparse.ArgumentParser:
         "attention",
         default="auto",
         choices=["auto", "sdpa", "chunked"],
-        help="long self-attention (4096+ tokens): auto (default: time PyTorch's SDPA kernel and chunked matmuls "
+        help="long self-attention (1024+ tokens): auto (default: time PyTorch's SDPA kernel and chunked matmuls "
         "with softmax per component, keep the faster), sdpa, or chunked",
     )
     _flag(export, "unet", help="hub id or folder of a UNet that replaces the model's before compiling")
