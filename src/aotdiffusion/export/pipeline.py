@@ -18,6 +18,7 @@ from diffusers import DiffusionPipeline
 
 from .. import artifact, checksums
 from ..runtime.compiled import CompiledComponent
+from ..runtime.memory import freed_memory_returned
 from ..shapes import PipelineShapes
 from . import attention, sizes, staging, winograd
 from .choose_precision import INT8, LinearChoice, choose, choose_fp32_linear, dominant_ops
@@ -458,7 +459,7 @@ def _compile_and_validate(
     int8 = options.quantize == INT8
     describe = "int8 convolutions and linears, the rest fp32" if int8 else options.precision.describe()
     log(f"{step}: tracing{', calibrating' if int8 else ''} and compiling ({describe})")
-    with _heartbeat(log, f"compiling {spec.name}"):
+    with _heartbeat(log, f"compiling {spec.name}"), freed_memory_returned():
         manifest = compile_fn(spec, options, folder)
     if manifest.get("compile_cache") == "hit":
         log(f"{step}: the compile cache held this graph with these weights and options: package copied, not compiled")
@@ -515,7 +516,7 @@ def _compile_extra_sizes(
         relative = sizes.folder_name(*size)
         sub = folder / spec.name / relative
         log(f"{where}: compiling ({options.precision.describe()}, as the main size)")
-        with _heartbeat(log, f"compiling {spec.name} at {size[0]}x{size[1]}"):
+        with _heartbeat(log, f"compiling {spec.name} at {size[0]}x{size[1]}"), freed_memory_returned():
             manifest = compile_fn(other, options, sub)
         if options.device == "cpu":  # loaded constants are handed between graphs on CPU (runtime/compiled.py)
             weights = sizes.share_constants(folder / spec.name, sub, log)

@@ -14,10 +14,16 @@ import ctypes
 import ctypes.util
 import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 
-# mallopt parameters from <malloc.h>
+# mallopt parameters from <malloc.h>, and glibc's defaults for the two
 _M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
 _M_MMAP_MAX = -4
+_DEFAULT_TRIM_THRESHOLD = 128 * 1024
+_DEFAULT_MMAP_THRESHOLD = 128 * 1024
+_DEFAULT_MMAP_MAX = 65536
 
 _ENV = "AOTDIFFUSION_KEEP_FREED_MEMORY"
 _applied = False
@@ -41,3 +47,47 @@ def keep_freed_memory() -> bool:
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     _applied = bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
     return _applied
+
+
+@contextmanager
+def freed_memory_returned() -> Iterator[None]:
+    """While open, glibc hands freed memory back to the kernel (its defaults) even where
+    :func:`keep_freed_memory` is in effect, and the heap it kept is trimmed on entry.
+
+    An export validates each component by loading it, which applies :func:`keep_freed_memory`; the next
+    component's compile then allocates and frees gigabytes of transient tensors (freezing's folded and
+    prepacked weights, the serialised constants), and a heap that is never trimmed held all of them: the
+    full-size SD 1.5 export peaked at 17.6 GiB. Compiling is not a hot loop, so the page faults cost nothing
+    that matters there.
+    """
+    if not _applied:
+        yield
+        return
+    libc = _libc()
+    libc.mallopt(_M_MMAP_MAX, _DEFAULT_MMAP_MAX)
+    # The threshold too: glibc raises it (up to 32 MiB) each time a mapped block is freed before
+    # keep_freed_memory froze it, and blocks below it come from a heap whose top a small live object can pin.
+    libc.mallopt(_M_MMAP_THRESHOLD, _DEFAULT_MMAP_THRESHOLD)
+    libc.mallopt(_M_TRIM_THRESHOLD, _DEFAULT_TRIM_THRESHOLD)
+    libc.malloc_trim(0)
+    try:
+        yield
+    finally:
+        libc.malloc_trim(0)
+        libc.mallopt(_M_MMAP_MAX, 0)
+        libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)
+
+
+def return_freed_memory() -> None:
+    """Hands the heap's free pages back to the kernel now (glibc's ``malloc_trim``; a no-op elsewhere)."""
+    if sys.platform.startswith("linux"):
+        try:
+            _libc().malloc_trim(0)
+        except (OSError, AttributeError):
+            pass
+
+
+def _libc() -> ctypes.CDLL:
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    return libc
