@@ -144,7 +144,7 @@ def compile_component(
     package = folder / f"{artifact.PACKAGE_DIR}.pt2"
     package_dir = folder / artifact.PACKAGE_DIR
     quantization = None
-    with low_precision_weights(spec.module, options.precision):
+    with low_precision_weights(spec.module, options.precision, offload=True):
         program = trace(spec, options)
         if options.quantize == "int8":
             seven_bit = reduce_range()

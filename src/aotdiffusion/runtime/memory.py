@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import os
 import sys
 from collections.abc import Iterator
@@ -40,11 +41,9 @@ def keep_freed_memory() -> bool:
     if os.environ.get(_ENV, "1") == "0" or not sys.platform.startswith("linux"):
         return False
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
+        mallopt = _libc().mallopt
     except (OSError, AttributeError):  # musl and others have no mallopt
         return False
-    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     _applied = bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
     return _applied
 
@@ -87,7 +86,9 @@ def return_freed_memory() -> None:
             pass
 
 
+@functools.cache
 def _libc() -> ctypes.CDLL:
+    # Cached: find_library runs ldconfig in a subprocess, a fork of a process that may hold gigabytes.
     libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
     libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     return libc
