@@ -326,7 +326,9 @@ def constants_from_bytes(program: dict, fixed: dict[str, torch.Tensor],
             torch.from_numpy(_tensor_bytes(tensor)).copy_(data)
         else:
             dtype = getattr(torch, entry["dtype"])
-            storage = data.view(dtype) if entry["nbytes"] else torch.empty(0, dtype=dtype)
+            # A copy, not a view: a view would keep the whole mapped file of ``stored`` alive with every page the
+            # oneDNN copies above read still resident.
+            storage = data.view(dtype).clone() if entry["nbytes"] else torch.empty(0, dtype=dtype)
             tensor = storage.as_strided(entry["shape"], entry["stride"], entry["storage_offset"])
         out[entry["name"]] = tensor
     return out
