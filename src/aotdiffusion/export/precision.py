@@ -194,24 +194,22 @@ def low_precision_weights(module: torch.nn.Module, precision: Precision, *, offl
                 if tensor.is_floating_point() and tensor.dtype != precision.low_dtype:
                     swapped.append((tensor, tensor.data))
                     tensor.data = tensor.data.to(precision.low_dtype)
-    stored = _offloaded([data for _, data in swapped]) if offload and swapped else nullcontext(None)
-    with stored as file:
+    weights, originals = [tensor for tensor, _ in swapped], [data for _, data in swapped]
+    del swapped
+    with _offloaded(originals) if offload and originals else nullcontext() as file:
         if file is not None:
-            swapped = [(tensor, None) for tensor, _ in swapped]
             return_freed_memory()
         try:
             yield module
         finally:
-            if file is not None:
-                swapped = list(zip((tensor for tensor, _ in swapped), torch.load(file, weights_only=True)))
-            for tensor, data in swapped:
+            for tensor, data in zip(weights, torch.load(file, weights_only=True) if file is not None else originals):
                 tensor.data = data
 
 
 @contextmanager
 def _offloaded(tensors: list[torch.Tensor]) -> Iterator[Path]:
-    """``tensors`` written to a temporary file (deleted on exit) and the list emptied: the memory is freed once
-    the caller drops its own references too."""
+    """``tensors`` written to a temporary file (deleted on exit) and the list emptied, so that nothing keeps
+    them in memory."""
     with tempfile.TemporaryDirectory(prefix="aotdiffusion-fp32-") as folder:
         path = Path(folder) / "weights.pt"
         torch.save(tensors, path)
