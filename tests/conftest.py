@@ -257,6 +257,36 @@ def sd_controlnet_export(tiny, sd_fp32, tmp_path_factory) -> Path:
     return out
 
 
+IP_ADAPTER_FLAGS = ("--ip-adapter-subfolder", "models", "--ip-adapter-weight-name", "ip-adapter.safetensors")
+
+
+@pytest.fixture(scope="session")
+@built_once
+def sd_ip_adapter_export(tiny, sd_fp32, tmp_path_factory) -> Path:
+    """SD with one IP-Adapter, by the CLI (--ip-adapter). Built after ``sd_fp32``, whose text encoder and VAE graphs
+    it reuses from the compile cache: only the image encoder and the UNet are compiled."""
+    out = tmp_path_factory.mktemp("exports") / "sd-ip-adapter"
+    cli("export", "--model", str(tiny("sd")), "--ip-adapter", str(tiny("ip-adapter")), *IP_ADAPTER_FLAGS,
+        "--height", "64", "--width", "64", "--auto-cast", "none", str(out))  # fmt: skip
+    return out
+
+
+@pytest.fixture(scope="session")
+@built_once
+def sdxl_ip_adapter_export(tiny, sdxl_export, tmp_path_factory) -> Path:
+    """SDXL with two IP-Adapters (the same weights twice: each its own image and scale), through Python. Built after
+    ``sdxl_export``, whose text encoders and VAE it reuses from the compile cache."""
+    from aotdiffusion import AOTStableDiffusionXLPipeline
+
+    out = tmp_path_factory.mktemp("exports") / "sdxl-ip-adapter"
+    adapter = str(tiny("ip-adapter-sdxl"))
+    AOTStableDiffusionXLPipeline.export(
+        tiny("sdxl"), out, height=64, width=64, auto_cast="none", ip_adapter=[adapter, adapter],
+        ip_adapter_subfolder="models", ip_adapter_weight_name="ip-adapter.safetensors",
+    )  # fmt: skip
+    return out
+
+
 @pytest.fixture(scope="session")
 @built_once
 def sdxl_controlnet_export(tiny, sdxl_export, tmp_path_factory) -> Path:

@@ -186,6 +186,38 @@ def _parser() -> argparse.ArgumentParser:
         help="compile this ControlNet with the pipeline (repeatable: multi-ControlNet); the export is then a "
         "ControlNet pipeline (generate --control-image)",
     )
+    _flag(
+        export,
+        "ip-adapter",
+        action="append",
+        default=[],
+        metavar="ID_OR_DIR",
+        help="compile this IP-Adapter into the UNet, with its CLIP image encoder (repeatable: several adapters); "
+        "generate --ip-adapter-image",
+    )
+    _flag(
+        export,
+        "ip-adapter-subfolder",
+        action="append",
+        metavar="DIR",
+        help="the adapter's folder in its repository, e.g. models (h94/IP-Adapter's SD 1.5) or sdxl_models; once "
+        "for all adapters or once each (default: the top)",
+    )
+    _flag(
+        export,
+        "ip-adapter-weight-name",
+        action="append",
+        metavar="FILE",
+        help="the adapter's weights file, e.g. ip-adapter_sd15.safetensors; once for all adapters or once each",
+    )
+    _flag(
+        export,
+        "ip-adapter-image-encoder-folder",
+        default="image_encoder",
+        metavar="DIR",
+        help="where the CLIP image encoder lies: a folder name under the adapter's subfolder, or a path with a / "
+        "in the repository (diffusers' image_encoder_folder; default image_encoder)",
+    )
     export.set_defaults(compiled_defaults={dest: export.get_default(dest) for dest in _COMPILED_FLAGS})
 
     generate = commands.add_parser("generate", help="generate images with an exported pipeline")
@@ -225,6 +257,21 @@ def _parser() -> argparse.ArgumentParser:
         type=float,
         action="append",
         help="how strongly each ControlNet steers (repeatable, one per ControlNet; default 1)",
+    )
+    _flag(
+        generate,
+        "ip-adapter-image",
+        type=Path,
+        action="append",
+        default=[],
+        help="an IP-Adapter export's image prompt (repeatable: one per adapter, in export order)",
+    )
+    _flag(
+        generate,
+        "ip-adapter-scale",
+        type=float,
+        action="append",
+        help="how strongly each IP-Adapter's image steers (repeatable, one per adapter, or one for all; default 1)",
     )
     _flag(
         generate,
@@ -379,7 +426,8 @@ def _pipeline_class(task: str, model: str, hub: dict):
 _COMPILED_FLAGS = (
     "task", "batch_size", "height", "width", "num_images_per_prompt", "auto_cast", "auto_cast_type",
     "classifier_free_guidance", "split_guidance_batch", "device", "no_vae_encoder", "deep_cache", "quantize",
-    "fp32_linear", "conv_algorithm", "unet", "no_cache", "extra_sizes", "group_norm", "attention",
+    "fp32_linear", "conv_algorithm", "unet", "no_cache", "extra_sizes", "group_norm", "attention", "ip_adapter",
+    "ip_adapter_subfolder", "ip_adapter_weight_name", "ip_adapter_image_encoder_folder",
 )  # fmt: skip
 
 
@@ -443,6 +491,10 @@ def _export(args: argparse.Namespace) -> None:
             split_guidance_batch=args.split_guidance_batch,
             extra_sizes=args.extra_sizes,
             compile_cache=not args.no_cache,
+            ip_adapter=args.ip_adapter,
+            ip_adapter_subfolder=args.ip_adapter_subfolder,
+            ip_adapter_weight_name=args.ip_adapter_weight_name,
+            ip_adapter_image_encoder_folder=args.ip_adapter_image_encoder_folder,
             **common,
         )
     how = ", no compiling" if args.reuse_compiled is not None else ""
@@ -484,6 +536,7 @@ def _generate(args: argparse.Namespace) -> None:
         cls = FAMILIES[task][2 if args.mask_image is not None else 1] or exported_cls
         if cls is exported_cls and exported_cls is FAMILIES[task][0]:
             raise ValueError(f"{exported_cls.__name__} exports do not take an input image (--image).")
+    adapters = _check_ip_adapter_flags(args, folder)
     loras = [parse_lora(lora) for lora in args.lora]  # bad scales fail before anything loads
     pipe = cls.from_pretrained(folder, trust_remote_code=args.trust_remote_code)
     load_loras(pipe, loras)  # applied to the compiled weights in place (pipelines/lora.py)
@@ -521,6 +574,14 @@ def _generate(args: argparse.Namespace) -> None:
     if args.controlnet_conditioning_scale:
         scales = args.controlnet_conditioning_scale
         call["controlnet_conditioning_scale"] = scales[0] if len(scales) == 1 else scales
+    if args.ip_adapter_image:
+        images = [decode_image(path.read_bytes(), "--ip-adapter-image") for path in args.ip_adapter_image]
+        call["ip_adapter_image"] = images
+    if args.ip_adapter_scale:
+        scales = args.ip_adapter_scale
+        pipe.set_ip_adapter_scale(scales[0] if len(scales) == 1 else scales)
+    elif adapters and not args.ip_adapter_image:
+        print(f"No --ip-adapter-image: the {adapters} IP-Adapter(s) of this export add nothing.")
     prompts = [args.prompt] * shapes.batch_size
     if args.negative_prompt:
         call["negative_prompt"] = [args.negative_prompt] * len(prompts)
@@ -551,6 +612,30 @@ def _check_controlnet_flags(args: argparse.Namespace, folder: Path) -> None:
             raise ValueError(
                 f"This export has {count} ControlNet(s): pass {flag} once per ControlNet, got it {len(given)} time(s)."
             )
+
+
+def _check_ip_adapter_flags(args: argparse.Namespace, folder: Path) -> int:
+    """An IP-Adapter export takes one --ip-adapter-image per adapter, and one --ip-adapter-scale each or one for all;
+    returns how many adapters it has."""
+    from . import artifact
+
+    manifest = artifact.read_json(folder / "unet" / artifact.CONFIG_FILE).get(artifact.MANIFEST_KEY) or {}
+    layout = (manifest.get("static") or {}).get("ip_adapter")
+    count = len(layout["projections"]) if layout else 0
+    scales = args.ip_adapter_scale or []
+    if not count and (args.ip_adapter_image or scales):
+        raise ValueError("--ip-adapter-image is for IP-Adapter exports (export --ip-adapter); this export has none.")
+    if args.ip_adapter_image and len(args.ip_adapter_image) != count:
+        raise ValueError(
+            f"This export has {count} IP-Adapter(s): pass --ip-adapter-image once per adapter, got it "
+            f"{len(args.ip_adapter_image)} time(s)."
+        )
+    if len(scales) not in (0, 1, count):
+        raise ValueError(
+            f"This export has {count} IP-Adapter(s): pass --ip-adapter-scale once for all or once per adapter, got it "
+            f"{len(scales)} time(s)."
+        )
+    return count
 
 
 def _check_editing_flags(args: argparse.Namespace, exported_cls: type) -> None:

@@ -232,6 +232,76 @@ def _unzeroed(controlnet, seed: int):
     return controlnet.eval()
 
 
+class IPAdapterFolder:
+    """An IP-Adapter laid out as h94/IP-Adapter lays out its SD 1.5 and SDXL ones: ``models/ip-adapter.safetensors``
+    (the ``image_proj.*`` and ``ip_adapter.*`` weights diffusers' loader reads) and the CLIP image encoder in
+    ``models/image_encoder``."""
+
+    SUBFOLDER, WEIGHT_NAME = "models", "ip-adapter.safetensors"
+
+    def __init__(self, weights: dict[str, torch.Tensor], image_encoder: torch.nn.Module):
+        self.weights, self.image_encoder = weights, image_encoder
+
+    def save_pretrained(self, path: str | Path) -> None:
+        from safetensors.torch import save_file
+
+        folder = Path(path) / self.SUBFOLDER
+        folder.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in self.weights.items()}, folder / self.WEIGHT_NAME)
+        self.image_encoder.save_pretrained(folder / "image_encoder")
+
+
+def _tiny_image_encoder(seed: int):
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    torch.manual_seed(seed)
+    config = CLIPVisionConfig(
+        hidden_size=32, intermediate_size=37, projection_dim=32, num_hidden_layers=3, num_attention_heads=4,
+        image_size=32, patch_size=8, layer_norm_eps=1e-5,
+    )  # fmt: skip
+    return CLIPVisionModelWithProjection(config).eval()
+
+
+def _ip_adapter_weights(unet, image_embed_dim: int, seed: int) -> dict[str, torch.Tensor]:
+    """A plain IP-Adapter's weights for ``unet`` in the original file's names: the image projection to 4 tokens,
+    then a key and a value projection per cross-attention, numbered 1, 3, 5... in diffusers' processor order."""
+    generator = torch.Generator().manual_seed(seed)
+    cross = unet.config.cross_attention_dim
+
+    def rand(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=generator) / shape[-1] ** 0.5
+
+    tokens = 4
+    weights = {
+        "image_proj.proj.weight": rand(cross * tokens, image_embed_dim),
+        "image_proj.proj.bias": rand(cross * tokens),
+        "image_proj.norm.weight": 1 + rand(cross),
+        "image_proj.norm.bias": rand(cross),
+    }
+    key = 1
+    for name in unet.attn_processors:
+        if name.endswith("attn1.processor"):
+            continue
+        hidden = unet.get_submodule(name.removesuffix(".processor")).to_q.in_features
+        weights[f"ip_adapter.{key}.to_k_ip.weight"] = rand(hidden, cross)
+        weights[f"ip_adapter.{key}.to_v_ip.weight"] = rand(hidden, cross) * 4  # a visible effect on tiny images
+        key += 2
+    return weights
+
+
+def tiny_ip_adapter(seed: int = 0) -> IPAdapterFolder:
+    """An IP-Adapter for the tiny SD UNet, with a tiny CLIP image encoder (32x32 images)."""
+    encoder = _tiny_image_encoder(seed + 7)
+    return IPAdapterFolder(_ip_adapter_weights(_tiny_unet(seed), encoder.config.projection_dim, seed + 8), encoder)
+
+
+def tiny_sdxl_ip_adapter(seed: int = 0) -> IPAdapterFolder:
+    """An IP-Adapter for the tiny SDXL UNet (cross-attention 64 wide)."""
+    encoder = _tiny_image_encoder(seed + 7)
+    unet = _tiny_sdxl_unet(seed, text_embeds_dim=32, time_ids=6)
+    return IPAdapterFolder(_ip_adapter_weights(unet, encoder.config.projection_dim, seed + 8), encoder)
+
+
 def tiny_latent_consistency(seed: int = 0):
     """LCM distilled from SD: the UNet embeds the guidance scale (`time_cond_proj_dim`), LCMScheduler."""
     from diffusers import LatentConsistencyModelPipeline, LCMScheduler
@@ -446,6 +516,8 @@ TINY_MODELS = {
     "controlnet": tiny_controlnet,
     "controlnet-2": lambda: tiny_controlnet(seed=10),  # a second, different one (multi-ControlNet)
     "controlnet-sdxl": tiny_sdxl_controlnet,
+    "ip-adapter": tiny_ip_adapter,
+    "ip-adapter-sdxl": tiny_sdxl_ip_adapter,
 }
 FULL_SIZE_MODELS = {
     "sd": full_size_stable_diffusion_15,

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from ..shapes import PipelineShapes
+from . import ip_adapter
 
 
 @dataclass
@@ -90,15 +91,20 @@ def text_encoder_spec(name: str, model: torch.nn.Module, shapes: PipelineShapes)
 
 
 class _UNetGraph(torch.nn.Module):
-    def __init__(self, unet: torch.nn.Module, input_names: list[str]):
+    def __init__(self, unet: torch.nn.Module, input_names: list[str], ip_scales: Any = None):
         super().__init__()
         self.unet = unet
         self.input_names = input_names
+        # IP-Adapters: the holder their value projections read the scale input from (export/ip_adapter.py).
+        self.ip_scales = ip_scales
 
     def forward(self, *tensors: torch.Tensor):
         named = dict(zip(self.input_names, tensors))
         added = {k: named[k] for k in ("text_embeds", "time_ids") if k in named}
         down = [named[k] for k in self.input_names if k.startswith(DOWN_RESIDUAL)]
+        if self.ip_scales is not None:
+            added["image_embeds"] = [named[k] for k in self.input_names if k.startswith(ip_adapter.IMAGE_EMBEDS)]
+            self.ip_scales.value = named[ip_adapter.SCALE]
         return self.unet(
             named["sample"],
             named["timestep"],
@@ -136,11 +142,14 @@ def unet_spec(
     text_embeds_dim: int | None = None,
     time_ids_dim: int | None = None,
     residuals: list[tuple[int, ...]] | None = None,
+    image_embeds: list[tuple[int, ...]] | None = None,
 ) -> ComponentSpec:
     """The UNet at the batch it really receives: doubled when compiled for classifier-free guidance.
 
     The timestep is a graph input of shape (batch,), so any scheduler can drive the compiled UNet.
     ``residuals``: the shapes of a ControlNet's outputs (down blocks, then mid block), taken as inputs.
+    ``image_embeds``: with IP-Adapters loaded, each adapter's image embedding shape (without the batch), taken as
+    inputs with the adapters' scales (export/ip_adapter.py).
     """
     config = unet.config
     batch = shapes.unet_batch
@@ -161,13 +170,18 @@ def unet_spec(
             for i, shape in enumerate(residuals[:-1]):
                 inputs[f"{DOWN_RESIDUAL}{i}"] = torch.randn(shape, generator=gen)
             inputs[MID_RESIDUAL] = torch.randn(residuals[-1], generator=gen)
+        if ip:
+            for i, shape in enumerate(image_embeds):
+                inputs[f"{ip_adapter.IMAGE_EMBEDS}{i}"] = torch.randn(batch, *shape, generator=gen)
+            inputs[ip_adapter.SCALE] = torch.rand(len(ip[1]["processors"]), len(image_embeds), generator=gen) + 0.5
         return inputs
 
+    ip = ip_adapter.scale_inputs(unet) if image_embeds else None
     names = list(make_inputs(torch.Generator().manual_seed(0)))
     return ComponentSpec(
         name="unet",
         role="unet",
-        module=_UNetGraph(unet, names).eval(),
+        module=_UNetGraph(unet, names, ip[0] if ip else None).eval(),
         make_inputs=make_inputs,
         output_names=["sample"],
         config=_config_dict(unet),
@@ -181,6 +195,7 @@ def unet_spec(
             "guidance_copies": shapes.guidance_copies,
             # SDXL's pipeline checks its time ids against the UNet's add_embedding width.
             "add_embedding_in_features": unet.add_embedding.linear_1.in_features if text_embeds_dim else None,
+            "ip_adapter": ip[1] if ip else None,
         },
     )
 
@@ -316,3 +331,52 @@ def controlnet_spec(
         static={"batch_size": batch, "height": shapes.height, "width": shapes.width},
     )
     return spec, residuals
+
+
+class _ImageEncoderGraph(torch.nn.Module):
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixel_values: torch.Tensor):
+        out = self.model(pixel_values, output_hidden_states=True, return_dict=True)
+        return out.image_embeds, out.last_hidden_state, out.hidden_states[-2]
+
+
+IMAGE_ENCODER_OUTPUTS = ["image_embeds", "last_hidden_state", "penultimate_hidden_state"]
+
+
+def image_encoder_spec(model: torch.nn.Module) -> ComponentSpec:
+    """The IP-Adapter's CLIP image encoder, one image a call at its own resolution (diffusers encodes each adapter's
+    image, and a zero image for the plus adapters' guidance, one call each).
+
+    Its outputs are what diffusers reads: the projected embedding (plain IP-Adapter) and the penultimate hidden
+    state (the others), with the last one.
+    """
+    config = model.config
+    size = config.image_size
+
+    def make_inputs(gen: torch.Generator) -> dict[str, torch.Tensor]:
+        return {"pixel_values": torch.randn(1, config.num_channels, size, size, generator=gen)}
+
+    return ComponentSpec(
+        name="image_encoder",
+        role="image_encoder",
+        module=_ImageEncoderGraph(model).eval(),
+        make_inputs=make_inputs,
+        output_names=IMAGE_ENCODER_OUTPUTS,
+        config=_config_dict(model),
+        static={"batch_size": 1, "height": size, "width": size},
+    )
+
+
+def ip_image_embeds_shapes(image_encoder: ComponentSpec, projections: list[str]) -> list[tuple[int, ...]]:
+    """Each adapter's image embedding as the UNet takes it, without the batch: one image of the encoder's output
+    that adapter's projection reads (export/ip_adapter.py)."""
+    with torch.no_grad():
+        outputs = dict(zip(image_encoder.output_names, image_encoder.module(**image_encoder.example_inputs())))
+    shapes = []
+    for projection in projections:
+        output = outputs["penultimate_hidden_state" if ip_adapter.uses_hidden_states(projection) else "image_embeds"]
+        shapes.append((ip_adapter.IMAGES_PER_ADAPTER, *output.shape[1:]))
+    return shapes

@@ -20,12 +20,14 @@ from .. import artifact, checksums
 from ..runtime.compiled import CompiledComponent
 from ..runtime.memory import freed_memory_returned
 from ..shapes import PipelineShapes
-from . import attention, sizes, staging, winograd
+from . import attention, ip_adapter, sizes, staging, winograd
 from .choose_precision import INT8, LinearChoice, choose, choose_fp32_linear, dominant_ops
 from .compile import CompilerOptions, compile_component, write_manifest
 from .components import (
     ComponentSpec,
     controlnet_spec,
+    image_encoder_spec,
+    ip_image_embeds_shapes,
     text_encoder_spec,
     unet_spec,
     vae_decoder_spec,
@@ -46,7 +48,7 @@ from .validate import ValidationError, ValidationReport, validate_component
 
 # Pipeline attributes that are compiled; everything else (scheduler, tokenizers, feature extractor)
 # is saved by its own library and loaded back by it.
-COMPILED_ATTRIBUTES = ("text_encoder", "text_encoder_2", "unet", "vae", "controlnet")
+COMPILED_ATTRIBUTES = ("text_encoder", "text_encoder_2", "unet", "vae", "controlnet", "image_encoder")
 
 
 @dataclass
@@ -133,6 +135,12 @@ def component_specs(
             spec, residuals = controlnet_spec(f"{CONTROLNET_PREFIX}{i}", net, shapes, pipe.vae_scale_factor, **added)
             specs.append(spec)
         added["residuals"] = residuals
+    if ip_adapter.processors(unet):
+        _check_ip_adapter_shapes(pipe, shapes, deep_cache)
+        encoder = image_encoder_spec(pipe.image_encoder)
+        specs.append(encoder)
+        projections = [type(p).__name__ for p in unet.encoder_hid_proj.image_projection_layers]
+        added["image_embeds"] = ip_image_embeds_shapes(encoder, projections)
     specs.append(unet_spec(unet, shapes, pipe.vae_scale_factor, **added))
     if deep_cache:
         if shapes.split_guidance_batch:
@@ -153,6 +161,28 @@ def component_specs(
         specs.append(vae_encoder_spec(pipe.vae, shapes))
     specs.append(vae_decoder_spec(pipe.vae, shapes, pipe.vae_scale_factor))
     return specs
+
+
+def _check_ip_adapter_shapes(pipe: DiffusionPipeline, shapes: PipelineShapes, deep_cache: bool) -> None:
+    """What an IP-Adapter export's static shapes allow: diffusers' image embeddings have no prompt batch, so one
+    prompt a call (more run in chunks of one); its scales enter the UNet's cross-attention of every block."""
+    name = type(pipe).__name__
+    if shapes.batch_size != 1:
+        raise ValueError(
+            "diffusers gives an IP-Adapter's image embeddings no prompt batch, so an IP-Adapter export is compiled "
+            f"for one prompt per call, not {shapes.batch_size}: export with --batch-size 1 (calls with more prompts "
+            "run in chunks of one)."
+        )
+    refusals = [
+        (shapes.guidance_copies != 2, f"{name} runs a three-way guidance batch, which diffusers' IP-Adapter image "
+                                      "embeddings (two halves) do not match: export it without --ip-adapter"),
+        (shapes.split_guidance_batch, "--split-guidance-batch splits every UNet input in two halves, the adapters' "
+                                      "scales too: export without --split-guidance-batch"),
+        (deep_cache, "step caching has no IP-Adapter inputs in its shallow graph yet: export without --deep-cache"),
+    ]  # fmt: skip
+    for refused, why in refusals:
+        if refused:
+            raise ValueError(f"An IP-Adapter cannot be compiled here: {why}.")
 
 
 @contextmanager
@@ -245,6 +275,11 @@ def export_pipeline(
             f"on {options.device}"
         )
         int8 = options.quantize == "int8"
+        if int8 and ip_adapter.processors(pipe.unet):
+            raise ValueError(
+                "--quantize int8 calibrates the UNet without IP-Adapter inputs; export an IP-Adapter pipeline without "
+                "it."
+            )
         if int8 and controlnets_of(pipe):
             raise ValueError(
                 "--quantize int8 calibrates the UNet without ControlNet residuals; export a ControlNet pipeline "

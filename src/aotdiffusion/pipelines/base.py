@@ -22,6 +22,7 @@ import torch
 from diffusers import DiffusionPipeline
 
 from .. import artifact
+from ..export import ip_adapter as ip_adapters
 from ..export import staging
 from ..export.compile import CompilerOptions
 from ..export.deep_cache import SHALLOW_COMPONENT
@@ -38,7 +39,14 @@ from ..export.precision import Precision
 from ..export.sizes import check_sizes
 from ..runtime import trusted
 from ..runtime.compiled import CompiledComponent
-from ..runtime.components import AOTAutoencoderKL, AOTControlNet, AOTMultiControlNet, AOTTextEncoder, AOTUNet
+from ..runtime.components import (
+    AOTAutoencoderKL,
+    AOTControlNet,
+    AOTImageEncoder,
+    AOTMultiControlNet,
+    AOTTextEncoder,
+    AOTUNet,
+)
 from ..shapes import PipelineShapes
 from .batches import chunk_call, combine_outputs, prompt_count
 from .images import conform_images, image_size
@@ -137,6 +145,10 @@ class AOTPipelineMixin:
         reuse_compiled: str | Path | None = None,
         lora: list | None = None,
         controlnet: list | str | Path | None = None,
+        ip_adapter: list | str | Path | None = None,
+        ip_adapter_subfolder: list | str | None = None,
+        ip_adapter_weight_name: list | str | None = None,
+        ip_adapter_image_encoder_folder: str = "image_encoder",
         **hub_kwargs: Any,
     ) -> list:
         """Compiles ``model`` (hub id or diffusers folder) into ``output_dir``, without loading the result.
@@ -147,6 +159,9 @@ class AOTPipelineMixin:
         new weights, with its shapes and compiler options (export/reuse.py). ``lora``: adapters fused into the
         weights first, each ``"PATH_OR_ID[:SCALE]"`` or ``(source, scale)`` (export/lora.py). ``controlnet``: the
         ControlNet(s) of a ControlNet pipeline, hub ids or folders (several: multi-ControlNet), each compiled.
+        ``ip_adapter``, ``ip_adapter_subfolder``, ``ip_adapter_weight_name``, ``ip_adapter_image_encoder_folder``:
+        IP-Adapters as diffusers' ``load_ip_adapter`` takes them (lists: several), loaded before compiling; their
+        CLIP image encoder is compiled and their scales stay settable per call (export/ip_adapter.py).
         ``extra_sizes``: more image sizes, (height, width) pairs or ``"768x512,512x768"``: one more graph per size
         for each component the size changes, all sharing one copy of the weights; a call picks the graph by its
         height and width (export/sizes.py).
@@ -168,6 +183,12 @@ class AOTPipelineMixin:
         staging.check_target(Path(output_dir), overwrite)  # before minutes of loading and compiling
         source = cls.load_source(model, unet_id=unet_id, controlnet=controlnet, **hub_kwargs)
         fuse_loras(source, lora or [])
+        adapters = ip_adapters.sources(ip_adapter or [], ip_adapter_subfolder, ip_adapter_weight_name)
+        if adapters and reuse_compiled is not None:
+            raise ValueError(
+                "reuse_compiled does not refit IP-Adapters yet: export the IP-Adapter pipeline without it."
+            )
+        ip_adapters.load(source, adapters, ip_adapter_image_encoder_folder, **_loader_hub_kwargs(hub_kwargs))
         if reuse_compiled is not None:
             from ..export.reuse import reuse_compiled as reuse
 
@@ -284,6 +305,8 @@ class AOTPipelineMixin:
                 components[name] = AOTTextEncoder(compiled[name])
         components["unet"] = AOTUNet(compiled["unet"], shallow=compiled.get(SHALLOW_COMPONENT))
         components["vae"] = AOTAutoencoderKL(compiled["vae_decoder"], compiled.get("vae_encoder"))
+        if "image_encoder" in compiled:
+            components["image_encoder"] = AOTImageEncoder(compiled["image_encoder"])
         nets = [AOTControlNet(compiled[name]) for name in block["components"] if name.startswith(CONTROLNET_PREFIX)]
         if nets:
             components["controlnet"] = nets[0] if len(nets) == 1 else AOTMultiControlNet(nets)
@@ -408,6 +431,23 @@ class AOTPipelineMixin:
 
     def get_list_adapters(self) -> dict[str, list[str]]:
         return self._compiled_loras().shadow.get_list_adapters()
+
+    # ------------------------------------------------------------------------------ IP-Adapter
+    # The adapters are compiled into the UNet (export --ip-adapter); set_ip_adapter_scale is diffusers' own, its
+    # scales a graph input (runtime/components.py).
+    def load_ip_adapter(self, *args: Any, **kwargs: Any) -> None:
+        raise ValueError(
+            "An IP-Adapter adds layers to the UNet, so it is compiled in: export with --ip-adapter ID "
+            "--ip-adapter-subfolder DIR --ip-adapter-weight-name FILE (export(..., ip_adapter=..., "
+            "ip_adapter_subfolder=..., ip_adapter_weight_name=...)); its scale stays settable with "
+            "set_ip_adapter_scale."
+        )
+
+    def unload_ip_adapter(self) -> None:
+        raise ValueError(
+            "The IP-Adapter is compiled into this export's UNet and cannot be unloaded: set_ip_adapter_scale(0.0) "
+            "turns it off (the plain UNet's images), or load an export made without --ip-adapter."
+        )
 
     def set_lora_device(self, adapter_names: list[str], device: Any) -> None:
         raise ValueError(
@@ -649,6 +689,12 @@ def _check_arguments(call: dict[str, Any]) -> None:
             continue
         if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
             raise ValueError(f"`{name}` must be a finite number, got {value!r}.")
+
+
+def _loader_hub_kwargs(hub_kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Of the Hub arguments given for the model, those that also say how to fetch an adapter (not its revision)."""
+    shared = ("cache_dir", "force_download", "proxies", "local_files_only", "token")
+    return {k: v for k, v in hub_kwargs.items() if k in shared}
 
 
 def _local_or_download(model: str | Path, hub_kwargs: dict[str, Any], trust_remote_code: bool = False) -> Path:

@@ -27,6 +27,7 @@ from .. import artifact
 from ..export import refit
 from ..runtime import trusted
 from ..runtime.compiled import CompiledComponent
+from ..runtime.hollow import meta_unet
 
 # diffusers' LoRA methods that change what the adapted layers compute: each is run on the hollow models, then
 # the compiled weights are brought level with them.
@@ -237,10 +238,7 @@ def _hollow_model(name: str, config: Any, entry: Any, folder: Path) -> torch.nn.
     """A hollow model of the compiled component ``name``, its class checked as the index's other parts are."""
     where = f"{folder / artifact.MODEL_INDEX_FILE} ({name})"
     if name == "unet":
-        from diffusers import UNet2DConditionModel
-
-        with torch.device("meta"):
-            model = UNet2DConditionModel.from_config(dict(config))
+        model = meta_unet(config)
     else:
         model_class = trusted.adaptable_model_class(*(entry or [None, None]), where=where)
         with torch.device("meta"):

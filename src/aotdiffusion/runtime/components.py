@@ -20,7 +20,9 @@ from diffusers.models.modeling_outputs import AutoencoderKLOutput
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 
 from ..export.components import DOWN_RESIDUAL, MID_RESIDUAL
+from ..export.ip_adapter import IMAGE_EMBEDS, SCALE
 from .compiled import CompiledComponent
+from .hollow import meta_unet, with_ip_adapter_processors
 
 
 class AOTModelPart:
@@ -109,6 +111,79 @@ class AOTUNet(AOTModelPart):
         in_features = compiled.static.get("add_embedding_in_features")
         if in_features is not None:  # SDXL validates its time ids against this
             self.add_embedding = SimpleNamespace(linear_1=SimpleNamespace(in_features=in_features))
+        # IP-Adapters (export --ip-adapter): diffusers counts them, and picks each one's image encoder output, by
+        # the classes of encoder_hid_proj's projection layers.
+        self.ip_adapter = compiled.static.get("ip_adapter")
+        self._ip_hollow = None
+        if self.ip_adapter:
+            layers = [_stand_in(_projection_class(name)) for name in self.ip_adapter["projections"]]
+            self.encoder_hid_proj = SimpleNamespace(image_projection_layers=layers)
+
+    # diffusers' set_ip_adapter_scale walks these (attention processors, blocks with attentions, layer names): a
+    # hollow UNet with diffusers' IP-Adapter processors answers them, and the compiled graph takes their scales.
+    @property
+    def attn_processors(self) -> dict[str, Any]:
+        return self._ip_adapter_model().attn_processors
+
+    @property
+    def down_blocks(self):
+        return self._ip_adapter_model().down_blocks
+
+    @property
+    def up_blocks(self):
+        return self._ip_adapter_model().up_blocks
+
+    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
+        return self._ip_adapter_model().state_dict(*args, **kwargs)
+
+    def _ip_adapter_model(self) -> torch.nn.Module:
+        if not self.ip_adapter:
+            raise ValueError(
+                "This UNet was compiled without an IP-Adapter: export with --ip-adapter ID --ip-adapter-weight-name "
+                "FILE (ip_adapter=..., ip_adapter_weight_name=...) to use one."
+            )
+        if self._ip_hollow is None:
+            names = self.ip_adapter["processors"]
+            adapters = len(self.ip_adapter["projections"])
+            self._ip_hollow = with_ip_adapter_processors(meta_unet(self.config), names, adapters)
+        return self._ip_hollow
+
+    def _ip_adapter_inputs(self, sample: torch.Tensor, image_embeds: list | None) -> dict[str, torch.Tensor]:
+        """The IP-Adapter graph inputs: the image embeddings and the processors' current scales. Without embeddings
+        (a call with no ip_adapter_image) the adapters add nothing: zeros at scale 0, the plain UNet's output."""
+        if not self.ip_adapter:
+            if image_embeds is not None:
+                raise ValueError(
+                    "This UNet was compiled without an IP-Adapter: export with --ip-adapter to pass ip_adapter_image."
+                )
+            return {}
+        names = [spec["name"] for spec in self.compiled.inputs if spec["name"].startswith(IMAGE_EMBEDS)]
+        batch = sample.shape[0]
+        if image_embeds is None:
+            inputs = {name: sample.new_zeros((batch, *self.compiled.input_shape(name)[1:])) for name in names}
+            return {**inputs, SCALE: sample.new_zeros(self.compiled.input_shape(SCALE))}
+        if len(image_embeds) != len(names):
+            raise ValueError(
+                f"This UNet takes image embeddings for {len(names)} IP-Adapter(s), got {len(image_embeds)}."
+            )
+        for name, embeds in zip(names, image_embeds):
+            compiled = self.compiled.input_shape(name)[1]
+            if embeds.ndim < 3 or embeds.shape[1] != compiled:
+                images = embeds.shape[1] if embeds.ndim >= 2 else embeds.shape
+                raise ValueError(
+                    f"This export was compiled for {compiled} IP-Adapter image(s) per adapter; got {images}. Pass one "
+                    "image (or one embedding) for each adapter."
+                )
+        scales = []
+        for name in self.ip_adapter["processors"]:
+            row = self.attn_processors[name].scale if self._ip_hollow is not None else [1.0] * len(names)
+            if any(isinstance(value, list) for value in row):
+                raise ValueError(
+                    f"A list of scales per IP-Adapter ({row}) is for masked images (ip_adapter_masks), which a "
+                    "compiled UNet does not take: give one scale per adapter."
+                )
+            scales.append([float(value) for value in row])
+        return {**dict(zip(names, image_embeds)), SCALE: torch.tensor(scales, device=sample.device)}
 
     @property
     def batch_size(self) -> int:
@@ -176,6 +251,7 @@ class AOTUNet(AOTModelPart):
             "text_embeds": added.get("text_embeds"),
             "time_ids": added.get("time_ids"),
             **self._residuals(sample, down_block_additional_residuals, mid_block_additional_residual),
+            **self._ip_adapter_inputs(sample, added.get("image_embeds")),
         }
         if self.compiled.static.get("split_guidance_batch") and sample.shape[0] == 2 * self.batch_size:
             halves = [{k: None if v is None else v.chunk(2)[i] for k, v in inputs.items()} for i in range(2)]
@@ -205,6 +281,45 @@ class AOTUNet(AOTModelPart):
         if len(down) != len(names):
             raise ValueError(f"This UNet takes {len(names)} ControlNet down-block residuals, got {len(down)}.")
         return {**dict(zip(names, down)), MID_RESIDUAL: mid}
+
+
+def _projection_class(name: str) -> type:
+    """An IP-Adapter projection class a UNet manifest names: only diffusers' own, looked up by name."""
+    from diffusers.models import embeddings
+
+    found = getattr(embeddings, name, None) if name.isidentifier() else None
+    if not (isinstance(found, type) and issubclass(found, torch.nn.Module) and "Projection" in name):
+        raise ValueError(f"The UNet's manifest names the IP-Adapter projection {name!r}, not one of diffusers'.")
+    return found
+
+
+def _stand_in(cls: type) -> Any:
+    """An object diffusers' isinstance checks take for a ``cls`` (its work is compiled into the UNet)."""
+    return type(f"Compiled{cls.__name__}", (), {"__class__": property(lambda self: cls)})()
+
+
+class AOTImageEncoder(AOTModelPart):
+    """The IP-Adapter's CLIP image encoder, compiled for one image: a batch is encoded image by image. Of the hidden
+    states only the last two are kept (diffusers reads the penultimate one)."""
+
+    def parameters(self):
+        # diffusers' encode_image takes the type it feeds the encoder from its first parameter.
+        yield torch.empty(0, device=self.device)
+
+    def __call__(self, pixel_values: torch.Tensor, output_hidden_states: bool | None = None, return_dict: bool = True,
+                 **kwargs: Any):  # fmt: skip
+        from transformers.modeling_outputs import ModelOutput
+        from transformers.models.clip.modeling_clip import CLIPVisionModelOutput
+
+        if unsupported := sorted(k for k, v in kwargs.items() if v is not None):
+            raise ValueError(f"The compiled image encoder does not take {unsupported}.")
+        rows = [self.compiled(pixel_values=pixel_values[i : i + 1]) for i in range(pixel_values.shape[0])]
+        out = {name: torch.cat([row[name] for row in rows]) for name in rows[0]}
+        hidden = (out["penultimate_hidden_state"], out["last_hidden_state"]) if output_hidden_states else None
+        result: ModelOutput = CLIPVisionModelOutput(
+            image_embeds=out["image_embeds"], last_hidden_state=out["last_hidden_state"], hidden_states=hidden
+        )
+        return result if return_dict else result.to_tuple()
 
 
 class AOTControlNet(AOTModelPart):
