@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import psnr, run_pipe
 
 from aotdiffusion import AOTStableDiffusionPipeline
@@ -63,6 +64,19 @@ def test_int8_candidate_is_timed_with_the_int8_kernels():
             assert _seconds(_runner(op, INT8, "cpu"), "cpu") > 0
     attention = Op("attention", ((1, 2, 16, 8), (1, 2, 16, 8)), 0)
     assert _runner(attention, INT8, "cpu")().dtype == torch.float32  # attention stays fp32
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, INT8])
+def test_strided_and_unpadded_convolutions_are_timed_as_they_are(dtype):
+    """A ViT's patch embedding (kernel = stride, no padding) and a strided downsampling convolution: the kernels timed
+    compute the convolution asked for (oneDNN's float ops take padding before stride; swapped, stride 0 crashed the
+    process with SIGFPE)."""
+    for shapes in (((1, 3, 32, 32), (32, 3, 8, 8), (8, 8), (0, 0), (1, 1), 1),
+                   ((1, 16, 16, 16), (16, 16, 3, 3), (2, 2), (1, 1), (1, 1), 1)):  # fmt: skip
+        x_shape, w_shape, stride, padding, _, _ = shapes
+        expected = F.conv2d(torch.zeros(x_shape), torch.zeros(w_shape), stride=stride, padding=padding).shape
+        with torch.no_grad():
+            assert _runner(Op("conv", shapes, _flops("conv", shapes)), dtype, "cpu")().shape == expected
 
 
 def test_choose_times_int8_against_the_float_type_asked_for(eager_sd):

@@ -228,7 +228,8 @@ def _runner(op: Op, dtype: torch.dtype | str, device: str) -> Callable[[], Any]:
         if device == "cpu" and torch.backends.mkldnn.is_available():
             # Frozen, their weights are prepacked once; eager F.conv2d reorders them on every call (+30%
             # on a 1280-channel 3x3 convolution at 16x16 on an AVX2 CPU), which would flatter int8.
-            conv = (list(stride), list(padding), list(dilation), groups)
+            # oneDNN's float convolution ops take padding before stride (its int8 ones stride first).
+            conv = (list(padding), list(stride), list(dilation), groups)
             try:
                 packed = torch.ops.mkldnn._reorder_convolution_weight(w, *conv, list(x_shape))
                 torch.ops.mkldnn._convolution_pointwise(x, packed, None, *conv, "none", [], "")
