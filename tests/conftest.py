@@ -274,14 +274,15 @@ def sd_ip_adapter_export(tiny, sd_fp32, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 @built_once
 def sdxl_ip_adapter_export(tiny, sdxl_export, tmp_path_factory) -> Path:
-    """SDXL with two IP-Adapters (the same weights twice: each its own image and scale), through Python. Built after
-    ``sdxl_export``, whose text encoders and VAE it reuses from the compile cache."""
+    """SDXL with two IP-Adapters, through Python: a plain one (the image encoder's embedding) and a Full Face one
+    (its penultimate hidden state, as the plus adapters). Built after ``sdxl_export``, whose text encoders and VAE it
+    reuses from the compile cache."""
     from aotdiffusion import AOTStableDiffusionXLPipeline
 
     out = tmp_path_factory.mktemp("exports") / "sdxl-ip-adapter"
-    adapter = str(tiny("ip-adapter-sdxl"))
+    adapters = [str(tiny("ip-adapter-sdxl")), str(tiny("ip-adapter-full-sdxl"))]
     AOTStableDiffusionXLPipeline.export(
-        tiny("sdxl"), out, height=64, width=64, auto_cast="none", ip_adapter=[adapter, adapter],
+        tiny("sdxl"), out, height=64, width=64, auto_cast="none", ip_adapter=adapters,
         ip_adapter_subfolder="models", ip_adapter_weight_name="ip-adapter.safetensors",
     )  # fmt: skip
     return out

@@ -23,9 +23,9 @@ WEIGHTS = {"subfolder": "models", "weight_name": "ip-adapter.safetensors"}
 STYLE_ONLY = {"up": {"block_0": [0.0, 1.0]}}
 
 
-def eager_with_adapters(tiny, model: str, adapter: str, count: int = 1, cls=None):
+def eager_with_adapters(tiny, model: str, *adapters: str, cls=None):
     pipe = eager(model, tiny, cls)
-    pipe.load_ip_adapter([str(tiny(adapter))] * count, **{k: [v] * count for k, v in WEIGHTS.items()})
+    pipe.load_ip_adapter([str(tiny(a)) for a in adapters], **{k: [v] * len(adapters) for k, v in WEIGHTS.items()})
     return pipe
 
 
@@ -118,8 +118,9 @@ def test_export_flags_with_reuse_compiled_are_refused(sd_fp32, tiny, tmp_path):
 
 
 def test_sdxl_two_ip_adapters_match_eager(sdxl_ip_adapter_export, tiny):
+    """A plain adapter and a Full Face one (the image encoder's penultimate hidden state, as the plus adapters)."""
     pipe = load(AOTStableDiffusionXLPipeline, sdxl_ip_adapter_export)
-    reference = eager_with_adapters(tiny, "sdxl", "ip-adapter-sdxl", count=2)
+    reference = eager_with_adapters(tiny, "sdxl", "ip-adapter-sdxl", "ip-adapter-full-sdxl")
     images = [picture(size=32, seed=7), picture(size=32, seed=8)]
     close(run_pipe(pipe, ip_adapter_image=images), run_pipe(reference, ip_adapter_image=images))
     # Each adapter its own scale (and per-block dicts): the images are not interchangeable.

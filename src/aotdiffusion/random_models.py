@@ -262,22 +262,34 @@ def _tiny_image_encoder(seed: int):
     return CLIPVisionModelWithProjection(config).eval()
 
 
-def _ip_adapter_weights(unet, image_embed_dim: int, seed: int) -> dict[str, torch.Tensor]:
-    """A plain IP-Adapter's weights for ``unet`` in the original file's names: the image projection to 4 tokens,
-    then a key and a value projection per cross-attention, numbered 1, 3, 5... in diffusers' processor order."""
+def _ip_adapter_weights(unet, encoder, seed: int, *, full: bool = False) -> dict[str, torch.Tensor]:
+    """An IP-Adapter's weights for ``unet`` in the original file's names: the image projection, then a key and a
+    value projection per cross-attention, numbered 1, 3, 5... in diffusers' processor order.
+
+    The plain adapter projects the encoder's image embedding to 4 tokens; ``full`` (IP-Adapter Full Face) maps
+    each token of its penultimate hidden state through a small MLP, the path the plus adapters take too.
+    """
     generator = torch.Generator().manual_seed(seed)
     cross = unet.config.cross_attention_dim
 
     def rand(*shape: int) -> torch.Tensor:
         return torch.randn(*shape, generator=generator) / shape[-1] ** 0.5
 
-    tokens = 4
-    weights = {
-        "image_proj.proj.weight": rand(cross * tokens, image_embed_dim),
-        "image_proj.proj.bias": rand(cross * tokens),
-        "image_proj.norm.weight": 1 + rand(cross),
-        "image_proj.norm.bias": rand(cross),
-    }
+    if full:
+        hidden = encoder.config.hidden_size
+        weights = {
+            "image_proj.proj.0.weight": rand(hidden, hidden), "image_proj.proj.0.bias": rand(hidden),
+            "image_proj.proj.2.weight": rand(cross, hidden), "image_proj.proj.2.bias": rand(cross),
+            "image_proj.proj.3.weight": 1 + rand(cross), "image_proj.proj.3.bias": rand(cross),
+        }  # fmt: skip
+    else:
+        tokens, embed_dim = 4, encoder.config.projection_dim
+        weights = {
+            "image_proj.proj.weight": rand(cross * tokens, embed_dim),
+            "image_proj.proj.bias": rand(cross * tokens),
+            "image_proj.norm.weight": 1 + rand(cross),
+            "image_proj.norm.bias": rand(cross),
+        }
     key = 1
     for name in unet.attn_processors:
         if name.endswith("attn1.processor"):
@@ -292,14 +304,14 @@ def _ip_adapter_weights(unet, image_embed_dim: int, seed: int) -> dict[str, torc
 def tiny_ip_adapter(seed: int = 0) -> IPAdapterFolder:
     """An IP-Adapter for the tiny SD UNet, with a tiny CLIP image encoder (32x32 images)."""
     encoder = _tiny_image_encoder(seed + 7)
-    return IPAdapterFolder(_ip_adapter_weights(_tiny_unet(seed), encoder.config.projection_dim, seed + 8), encoder)
+    return IPAdapterFolder(_ip_adapter_weights(_tiny_unet(seed), encoder, seed + 8), encoder)
 
 
-def tiny_sdxl_ip_adapter(seed: int = 0) -> IPAdapterFolder:
-    """An IP-Adapter for the tiny SDXL UNet (cross-attention 64 wide)."""
+def tiny_sdxl_ip_adapter(seed: int = 0, *, full: bool = False) -> IPAdapterFolder:
+    """An IP-Adapter for the tiny SDXL UNet (cross-attention 64 wide); ``full``: a Full Face one."""
     encoder = _tiny_image_encoder(seed + 7)
     unet = _tiny_sdxl_unet(seed, text_embeds_dim=32, time_ids=6)
-    return IPAdapterFolder(_ip_adapter_weights(unet, encoder.config.projection_dim, seed + 8), encoder)
+    return IPAdapterFolder(_ip_adapter_weights(unet, encoder, seed + 8, full=full), encoder)
 
 
 def tiny_latent_consistency(seed: int = 0):
@@ -518,6 +530,7 @@ TINY_MODELS = {
     "controlnet-sdxl": tiny_sdxl_controlnet,
     "ip-adapter": tiny_ip_adapter,
     "ip-adapter-sdxl": tiny_sdxl_ip_adapter,
+    "ip-adapter-full-sdxl": lambda: tiny_sdxl_ip_adapter(seed=1, full=True),
 }
 FULL_SIZE_MODELS = {
     "sd": full_size_stable_diffusion_15,
