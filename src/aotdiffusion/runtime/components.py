@@ -174,9 +174,11 @@ class AOTUNet(AOTModelPart):
                     f"This export was compiled for {compiled} IP-Adapter image(s) per adapter; got {images}. Pass one "
                     "image (or one embedding) for each adapter."
                 )
+        # Walked once per call (attn_processors visits every module of the hollow UNet); untouched, diffusers' 1.0.
+        current = self._ip_hollow.attn_processors if self._ip_hollow is not None else None
         scales = []
         for name in self.ip_adapter["processors"]:
-            row = self.attn_processors[name].scale if self._ip_hollow is not None else [1.0] * len(names)
+            row = current[name].scale if current is not None else [1.0] * len(names)
             if any(isinstance(value, list) for value in row):
                 raise ValueError(
                     f"A list of scales per IP-Adapter ({row}) is for masked images (ip_adapter_masks), which a "
