@@ -187,13 +187,20 @@ def low_precision_weights(module: torch.nn.Module, precision: Precision, *, offl
         yield module
         return
     swapped = []
+    # Buffers are swapped in their module: a buffer can be a view (PixArt's position embedding is an unsqueezed
+    # tensor), and a view whose .data changes type no longer matches its base, which torch.export refuses.
+    buffers: list[tuple[dict, str, torch.Tensor]] = []
     for sub in module.modules():
         if precision.auto_cast == "all" or isinstance(sub, _MATMUL_MODULES):
-            tensors = list(sub.parameters(recurse=False)) + list(sub.buffers(recurse=False))
-            for tensor in tensors:
+            for tensor in sub.parameters(recurse=False):
                 if tensor.is_floating_point() and tensor.dtype != precision.low_dtype:
                     swapped.append((tensor, tensor.data))
                     tensor.data = tensor.data.to(precision.low_dtype)
+            for name, tensor in sub._buffers.items():
+                if tensor is not None and tensor.is_floating_point() and tensor.dtype != precision.low_dtype:
+                    buffers.append((sub._buffers, name, tensor))
+    for owner, name, tensor in buffers:
+        owner[name] = tensor.to(precision.low_dtype)
     weights, originals = [tensor for tensor, _ in swapped], [data for _, data in swapped]
     del swapped
     with _offloaded(originals) if offload and originals else nullcontext() as file:
@@ -204,6 +211,8 @@ def low_precision_weights(module: torch.nn.Module, precision: Precision, *, offl
         finally:
             for tensor, data in zip(weights, torch.load(file, weights_only=True) if file is not None else originals):
                 tensor.data = data
+            for owner, name, tensor in buffers:
+                owner[name] = tensor
 
 
 @contextmanager
