@@ -473,3 +473,24 @@ def pytest_unconfigure(config):
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(_EXIT_STATUS[0])
+
+
+@pytest.fixture(scope="session")
+@built_once
+def pixart_export(tiny, tmp_path_factory) -> Path:
+    """Tiny PixArt-Σ by the CLI, fp32, at its defaults: 256x256 and 300-token prompts (diffusers'
+    max_sequence_length)."""
+    out = tmp_path_factory.mktemp("exports") / "pixart-sigma"
+    cli("export", "--model", str(tiny("pixart-sigma")), "--auto-cast", "none", str(out))
+    return out
+
+
+@pytest.fixture(scope="session")
+@built_once
+def pixart_bf16_export(tiny, tmp_path_factory) -> Path:
+    """Tiny PixArt-Σ through Python, every op in bf16, for 64-token prompts."""
+    from aotdiffusion import AOTPixArtSigmaPipeline
+
+    out = tmp_path_factory.mktemp("exports") / "pixart-sigma-bf16"
+    AOTPixArtSigmaPipeline.export(tiny("pixart-sigma"), out, auto_cast="all", auto_cast_type="bf16", sequence_length=64)
+    return out

@@ -179,6 +179,21 @@ def test_cli_accepts_both_flag_spellings():
     assert _parser().parse_args(common + ["--no-classifier-free-guidance"]).classifier_free_guidance is False
 
 
+def test_tiny_offers_every_model_it_can_write():
+    from aotdiffusion.random_models import FULL_SIZE_MODELS, TINY_MODELS
+
+    tiny = next(a for a in _parser()._subparsers._group_actions[0].choices["tiny"]._actions if a.dest == "kind")
+    assert set(tiny.choices) == set(TINY_MODELS) | set(FULL_SIZE_MODELS)
+
+
+def test_export_offers_every_family():
+    from aotdiffusion.cli import TASKS
+    from aotdiffusion.pipelines.auto import FAMILIES, WITH_CONTROLNET
+
+    # The ControlNet families are reached with --controlnet, not --task.
+    assert set(TASKS) == {"auto", *FAMILIES} - set(WITH_CONTROLNET.values())
+
+
 _FAULTS_SCRIPT = """
 import resource, torch
 from aotdiffusion.runtime.memory import keep_freed_memory

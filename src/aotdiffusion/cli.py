@@ -14,7 +14,7 @@ from .export.staging import DiskFullError
 
 TASKS = [
     "auto", "stable-diffusion", "stable-diffusion-xl", "latent-consistency", "instruct-pix2pix",
-    "stable-diffusion-xl-instruct-pix2pix",
+    "stable-diffusion-xl-instruct-pix2pix", "pixart-sigma",
 ]  # fmt: skip
 
 
@@ -72,6 +72,13 @@ def _parser() -> argparse.ArgumentParser:
         "the UNet and VAE, sharing one copy of the weights; generate --height/--width picks one",
     )
     _flag(export, "num-images-per-prompt", type=int, default=1, help="images per prompt (default 1)")
+    _flag(
+        export,
+        "sequence-length",
+        type=int,
+        help="prompt length in tokens for T5 models (PixArt-Σ; default the pipeline's max_sequence_length, 300): "
+        "longer prompts are truncated to it",
+    )
     _flag(
         export,
         "auto-cast",
@@ -347,6 +354,10 @@ def _parser() -> argparse.ArgumentParser:
             "controlnet",
             "controlnet-2",
             "controlnet-sdxl",
+            "ip-adapter",
+            "ip-adapter-sdxl",
+            "ip-adapter-full-sdxl",
+            "pixart-sigma",
         ],
     )
     tiny.add_argument("output", type=Path)
@@ -427,7 +438,7 @@ _COMPILED_FLAGS = (
     "task", "batch_size", "height", "width", "num_images_per_prompt", "auto_cast", "auto_cast_type",
     "classifier_free_guidance", "split_guidance_batch", "device", "no_vae_encoder", "deep_cache", "quantize",
     "fp32_linear", "conv_algorithm", "unet", "no_cache", "extra_sizes", "group_norm", "attention", "ip_adapter",
-    "ip_adapter_subfolder", "ip_adapter_weight_name", "ip_adapter_image_encoder_folder",
+    "ip_adapter_subfolder", "ip_adapter_weight_name", "ip_adapter_image_encoder_folder", "sequence_length",
 )  # fmt: skip
 
 
@@ -490,6 +501,7 @@ def _export(args: argparse.Namespace) -> None:
             classifier_free_guidance=args.classifier_free_guidance,
             split_guidance_batch=args.split_guidance_batch,
             extra_sizes=args.extra_sizes,
+            sequence_length=args.sequence_length,
             compile_cache=not args.no_cache,
             ip_adapter=args.ip_adapter,
             ip_adapter_subfolder=args.ip_adapter_subfolder,
@@ -558,7 +570,7 @@ def _generate(args: argparse.Namespace) -> None:
             call[name] = getattr(args, name)
     if args.guidance_scale is not None:
         call["guidance_scale"] = args.guidance_scale
-    elif not shapes.classifier_free_guidance and pipe.unet.config.time_cond_proj_dim is None:
+    elif not shapes.classifier_free_guidance and pipe._denoiser.config.get("time_cond_proj_dim") is None:
         call["guidance_scale"] = 0.0  # compiled without the guidance batch (e.g. Turbo)
     if args.image is not None:
         call["image"] = decode_image(args.image.read_bytes(), "--image")
@@ -619,7 +631,9 @@ def _check_ip_adapter_flags(args: argparse.Namespace, folder: Path) -> int:
     returns how many adapters it has."""
     from . import artifact
 
-    manifest = artifact.read_json(folder / "unet" / artifact.CONFIG_FILE).get(artifact.MANIFEST_KEY) or {}
+    _, block = artifact.read_pipeline_index(folder)
+    unet = folder / "unet" / artifact.CONFIG_FILE
+    manifest = (artifact.read_json(unet).get(artifact.MANIFEST_KEY) or {}) if "unet" in block["components"] else {}
     layout = (manifest.get("static") or {}).get("ip_adapter")
     count = len(layout["projections"]) if layout else 0
     scales = args.ip_adapter_scale or []

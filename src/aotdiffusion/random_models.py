@@ -81,6 +81,52 @@ def tiny_clip_tokenizer(model_max_length: int = 77):
         return CLIPTokenizer(str(vocab_file), str(merges_file), model_max_length=model_max_length)
 
 
+def tiny_t5_tokenizer(model_max_length: int = 512):
+    """A T5 (Unigram) tokenizer over the corpus' words and letters, built here: no download."""
+    from transformers import T5Tokenizer
+
+    words = sorted(set(_CORPUS.replace(",", " ").split()))
+    letters = sorted(set("".join(words)))
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    vocab += [("\u2581" + word, -1.0) for word in words] + [(letter, -3.0) for letter in letters]
+    return T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=model_max_length)
+
+
+def _tiny_t5_encoder(seed: int, tokenizer):
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    config = T5Config(vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
+                      relative_attention_num_buckets=8, decoder_start_token_id=0)  # fmt: skip
+    return T5EncoderModel(config).eval()
+
+
+def tiny_pixart_sigma(seed: int = 0):
+    """A PixArtSigmaPipeline producing 256x256 images: a VAE of four levels (scale 8, as PixArt's) so that
+    diffusers' resolution binning (the 256px bins, for transformers of sample size 32) runs as on the real model."""
+    from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, PixArtSigmaPipeline, PixArtTransformer2DModel
+
+    tokenizer = tiny_t5_tokenizer()
+    torch.manual_seed(seed)
+    transformer = PixArtTransformer2DModel(
+        sample_size=32, num_layers=2, patch_size=2, attention_head_dim=8, num_attention_heads=3, caption_channels=32,
+        in_channels=4, cross_attention_dim=24, out_channels=8, attention_bias=True,
+        activation_fn="gelu-approximate", num_embeds_ada_norm=1000, norm_type="ada_norm_single",
+        norm_elementwise_affine=False, norm_eps=1e-6, use_additional_conditions=False,
+    ).eval()  # fmt: skip
+    vae = AutoencoderKL(
+        block_out_channels=[8, 8, 16, 16], in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 4,
+        up_block_types=["UpDecoderBlock2D"] * 4, latent_channels=4, norm_num_groups=8, sample_size=256,
+    ).eval()  # fmt: skip
+    return PixArtSigmaPipeline(
+        tokenizer=tokenizer,
+        text_encoder=_tiny_t5_encoder(seed, tokenizer),
+        vae=vae,
+        transformer=transformer,
+        scheduler=DPMSolverMultistepScheduler(),
+    )
+
+
 def _tiny_unet(seed: int, **overrides):
     from diffusers import UNet2DConditionModel
 
@@ -531,6 +577,7 @@ TINY_MODELS = {
     "ip-adapter": tiny_ip_adapter,
     "ip-adapter-sdxl": tiny_sdxl_ip_adapter,
     "ip-adapter-full-sdxl": lambda: tiny_sdxl_ip_adapter(seed=1, full=True),
+    "pixart-sigma": tiny_pixart_sigma,
 }
 FULL_SIZE_MODELS = {
     "sd": full_size_stable_diffusion_15,

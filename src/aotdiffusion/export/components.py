@@ -90,6 +90,95 @@ def text_encoder_spec(name: str, model: torch.nn.Module, shapes: PipelineShapes)
     )
 
 
+class _T5EncoderGraph(torch.nn.Module):
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+        return (self.model(input_ids, attention_mask=attention_mask, return_dict=True).last_hidden_state,)
+
+
+def t5_encoder_spec(name: str, model: torch.nn.Module, shapes: PipelineShapes) -> ComponentSpec:
+    """A T5 encoder at the static sequence length, with its attention mask an input: diffusers pads T5 prompts to
+    ``max_sequence_length`` and masks the padding, so the mask changes per prompt (CLIP's does not exist)."""
+    batch, seq = shapes.batch_size, shapes.sequence_length
+    vocab = model.config.vocab_size
+
+    def make_inputs(gen: torch.Generator) -> dict[str, torch.Tensor]:
+        lengths = torch.randint(1, seq + 1, (batch, 1), generator=gen)
+        return {
+            "input_ids": torch.randint(0, vocab, (batch, seq), generator=gen),
+            "attention_mask": (torch.arange(seq) < lengths).long(),
+        }
+
+    return ComponentSpec(
+        name=name,
+        role="text_encoder",
+        module=_T5EncoderGraph(model).eval(),
+        make_inputs=make_inputs,
+        output_names=["last_hidden_state"],
+        config=_config_dict(model),
+        output_class="transformers.modeling_outputs.BaseModelOutput",
+        static={"batch_size": batch, "sequence_length": seq},
+    )
+
+
+class _PixArtTransformerGraph(torch.nn.Module):
+    def __init__(self, transformer: torch.nn.Module):
+        super().__init__()
+        self.transformer = transformer
+
+    def forward(self, hidden_states, encoder_hidden_states, timestep, encoder_attention_mask):
+        # PixArt-Σ conditions on no resolution or aspect ratio (use_additional_conditions is off): diffusers passes
+        # these as None.
+        return self.transformer(
+            hidden_states, encoder_hidden_states=encoder_hidden_states, timestep=timestep,
+            encoder_attention_mask=encoder_attention_mask, added_cond_kwargs={"resolution": None, "aspect_ratio": None},
+            return_dict=False,
+        )  # fmt: skip
+
+
+def transformer_spec(transformer: torch.nn.Module, shapes: PipelineShapes, vae_scale_factor: int) -> ComponentSpec:
+    """PixArt's DiT at the batch it really receives (doubled for guidance), its prompt mask an input."""
+    config = transformer.config
+    if transformer.use_additional_conditions:
+        raise ValueError(
+            "This transformer conditions on the image's resolution and aspect ratio (PixArt-α at 1024px), which "
+            "aotdiffusion does not compile yet; PixArt-Σ models (use_additional_conditions off) are supported."
+        )
+    batch = shapes.unet_batch
+    h, w = shapes.height // vae_scale_factor, shapes.width // vae_scale_factor
+    seq = shapes.sequence_length
+
+    def make_inputs(gen: torch.Generator) -> dict[str, torch.Tensor]:
+        lengths = torch.randint(1, seq + 1, (batch, 1), generator=gen)
+        return {
+            "hidden_states": torch.randn(batch, config.in_channels, h, w, generator=gen),
+            "encoder_hidden_states": torch.randn(batch, seq, config.caption_channels, generator=gen),
+            "timestep": torch.randint(0, 1000, (batch,), generator=gen).float(),
+            "encoder_attention_mask": (torch.arange(seq) < lengths).long(),
+        }
+
+    return ComponentSpec(
+        name="transformer",
+        role="transformer",
+        module=_PixArtTransformerGraph(transformer).eval(),
+        make_inputs=make_inputs,
+        output_names=["sample"],
+        config=_config_dict(transformer),
+        static={
+            "batch_size": batch,
+            "height": h,
+            "width": w,
+            "sequence_length": seq,
+            "classifier_free_guidance": shapes.classifier_free_guidance,
+            "split_guidance_batch": shapes.split_guidance_batch,
+            "guidance_copies": shapes.guidance_copies,
+        },
+    )
+
+
 class _UNetGraph(torch.nn.Module):
     def __init__(self, unet: torch.nn.Module, input_names: list[str], ip_scales: Any = None):
         super().__init__()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import resource
 import shutil
 import threading
@@ -28,7 +29,9 @@ from .components import (
     controlnet_spec,
     image_encoder_spec,
     ip_image_embeds_shapes,
+    t5_encoder_spec,
     text_encoder_spec,
+    transformer_spec,
     unet_spec,
     vae_decoder_spec,
     vae_encoder_spec,
@@ -48,7 +51,9 @@ from .validate import ValidationError, ValidationReport, validate_component
 
 # Pipeline attributes that are compiled; everything else (scheduler, tokenizers, feature extractor)
 # is saved by its own library and loaded back by it.
-COMPILED_ATTRIBUTES = ("text_encoder", "text_encoder_2", "unet", "vae", "controlnet", "image_encoder")
+COMPILED_ATTRIBUTES = (
+    "text_encoder", "text_encoder_2", "unet", "transformer", "vae", "controlnet", "image_encoder",
+)  # fmt: skip
 
 
 @dataclass
@@ -75,16 +80,41 @@ def controlnets_of(pipe: DiffusionPipeline) -> list:
     return list(getattr(controlnet, "nets", [controlnet]))
 
 
+def denoiser_of(pipe: Any) -> Any:
+    """The model the denoising loop calls: a UNet, or a transformer (PixArt)."""
+    unet = getattr(pipe, "unet", None)
+    return unet if unet is not None else pipe.transformer
+
+
+def downsampling_of(denoiser: Any) -> int:
+    """How many latent pixels one position of the denoiser's coarsest level covers: a UNet's downsampling, a
+    transformer's patch size."""
+    config = denoiser.config
+    if "patch_size" in config:
+        return config.patch_size
+    return 2 ** (len(config.block_out_channels) - 1)
+
+
+def _default_sequence_length(pipe: DiffusionPipeline) -> tuple[int, bool]:
+    """The prompt length compiled by default, and whether the pipeline lets a call choose it: T5 pipelines take
+    ``max_sequence_length`` (PixArt-Σ's default 300); CLIP ones always use the tokenizer's 77."""
+    asked = inspect.signature(type(pipe).__call__).parameters.get("max_sequence_length")
+    if asked is not None and isinstance(asked.default, int):
+        return asked.default, True
+    tokenizer = getattr(pipe, "tokenizer", None) or getattr(pipe, "tokenizer_2", None)
+    return tokenizer.model_max_length, False
+
+
 def default_shapes(pipe: DiffusionPipeline, **requested: Any) -> PipelineShapes:
     """Fills what the user left out from the model itself, the way diffusers' ``__call__`` does."""
-    unet = pipe.unet
-    sample_size = unet.config.sample_size
+    denoiser = denoiser_of(pipe)
+    sample_size = denoiser.config.sample_size
     if isinstance(sample_size, int):
         sample_size = (sample_size, sample_size)
     requested = {k: v for k, v in requested.items() if v is not None}
     requested.setdefault("height", sample_size[0] * pipe.vae_scale_factor)
     requested.setdefault("width", sample_size[1] * pipe.vae_scale_factor)
-    is_lcm = unet.config.time_cond_proj_dim is not None
+    is_lcm = denoiser.config.get("time_cond_proj_dim") is not None
     if is_lcm and requested.get("classifier_free_guidance"):
         raise ValueError(
             "This UNet takes its guidance scale as an embedding (LCM, `time_cond_proj_dim` is set) and never runs "
@@ -93,10 +123,15 @@ def default_shapes(pipe: DiffusionPipeline, **requested: Any) -> PipelineShapes:
     requested.setdefault("classifier_free_guidance", not is_lcm)
     if type(pipe).__name__ in THREE_WAY_GUIDANCE:
         requested["guidance_copies"] = 3
-    tokenizer = getattr(pipe, "tokenizer", None) or getattr(pipe, "tokenizer_2", None)
-    requested.setdefault("sequence_length", tokenizer.model_max_length)
+    length, choosable = _default_sequence_length(pipe)
+    if not choosable and requested.get("sequence_length", length) != length:
+        raise ValueError(
+            f"{type(pipe).__name__} encodes every prompt as {length} CLIP tokens, a length its text encoders are "
+            f"built for; --sequence-length {requested['sequence_length']} is for T5 models (PixArt-Σ): leave it out."
+        )
+    requested.setdefault("sequence_length", length)
     shapes = PipelineShapes(**requested)
-    shapes.check_divisible(pipe.vae_scale_factor, 2 ** (len(unet.config.block_out_channels) - 1))
+    shapes.check_divisible(pipe.vae_scale_factor, downsampling_of(denoiser))
     return shapes
 
 
@@ -109,6 +144,8 @@ def component_specs(
     deep_cache: bool = False,
 ) -> list[ComponentSpec]:
     specs = []
+    if getattr(pipe, "transformer", None) is not None:
+        return _transformer_specs(pipe, shapes, deep_cache=deep_cache)
     for name in ("text_encoder", "text_encoder_2"):
         model = getattr(pipe, name, None)
         if model is not None:
@@ -161,6 +198,26 @@ def component_specs(
         specs.append(vae_encoder_spec(pipe.vae, shapes))
     specs.append(vae_decoder_spec(pipe.vae, shapes, pipe.vae_scale_factor))
     return specs
+
+
+def _transformer_specs(pipe: DiffusionPipeline, shapes: PipelineShapes, *, deep_cache: bool) -> list[ComponentSpec]:
+    """PixArt-Σ: its T5 encoder, its DiT and the VAE."""
+    if deep_cache:
+        raise ValueError(
+            "Step caching (--deep-cache) reuses a UNet's deep blocks between steps; a transformer (PixArt) has none: "
+            "export it without --deep-cache."
+        )
+    if shapes.split_guidance_batch:
+        raise ValueError(
+            "--split-guidance-batch is for UNet models (data_parallel_mode='unet'); export the transformer model "
+            "without it."
+        )
+    # No VAE encoder: diffusers' PixArt pipelines only generate (no image-to-image or inpainting sibling uses it).
+    return [
+        t5_encoder_spec("text_encoder", pipe.text_encoder, shapes),
+        transformer_spec(pipe.transformer, shapes, pipe.vae_scale_factor),
+        vae_decoder_spec(pipe.vae, shapes, pipe.vae_scale_factor),
+    ]
 
 
 def _check_ip_adapter_shapes(pipe: DiffusionPipeline, shapes: PipelineShapes, deep_cache: bool) -> None:
@@ -275,6 +332,11 @@ def export_pipeline(
             f"on {options.device}"
         )
         int8 = options.quantize == "int8"
+        if int8 and getattr(pipe, "unet", None) is None:
+            raise ValueError(
+                "--quantize int8 calibrates and quantizes a UNet; this model's denoiser is a transformer: export it "
+                "without --quantize (bf16 is the fast type on CPUs with AVX512-BF16 or AMX)."
+            )
         if int8 and ip_adapter.processors(pipe.unet):
             raise ValueError(
                 "--quantize int8 calibrates the UNet without IP-Adapter inputs; export an IP-Adapter pipeline without "
@@ -359,7 +421,7 @@ def export_pipeline(
             if any(c is not None for c in changed) or size_records:
                 write_manifest(folder / spec.name, spec.config, manifest)
             # The shallow step-caching graph, compiled after the UNet, runs the same UNet weights: freed after it.
-            last_use = ("text_encoder", "unet_deep_cache" if deep_cache else "unet")
+            last_use = ("text_encoder", "transformer", "unet_deep_cache" if deep_cache else "unet")
             if release_weights and spec.role in last_use:
                 spec.module.to("meta")  # the VAE's encoder and decoder share one module: kept
             hashed[spec.name] = manifest["files"]

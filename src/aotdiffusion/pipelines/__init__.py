@@ -1,5 +1,6 @@
 from .auto import AOTDiffusionPipeline
 from .latent_consistency import AOTLatentConsistencyModelPipeline
+from .pixart import AOTPixArtSigmaPipeline
 from .stable_diffusion import (
     AOTStableDiffusionControlNetImg2ImgPipeline,
     AOTStableDiffusionControlNetInpaintPipeline,
@@ -22,6 +23,7 @@ from .stable_diffusion_xl import (
 __all__ = [
     "AOTDiffusionPipeline",
     "AOTLatentConsistencyModelPipeline",
+    "AOTPixArtSigmaPipeline",
     "AOTStableDiffusionPipeline",
     "AOTStableDiffusionControlNetPipeline",
     "AOTStableDiffusionControlNetImg2ImgPipeline",

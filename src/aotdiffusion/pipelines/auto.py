@@ -7,6 +7,7 @@ from typing import Any
 
 from .. import artifact
 from .latent_consistency import AOTLatentConsistencyModelPipeline
+from .pixart import AOTPixArtSigmaPipeline
 from .stable_diffusion import (
     AOTStableDiffusionControlNetImg2ImgPipeline,
     AOTStableDiffusionControlNetInpaintPipeline,
@@ -44,6 +45,7 @@ PIPELINES = {
         AOTStableDiffusionXLControlNetPipeline,
         AOTStableDiffusionXLControlNetImg2ImgPipeline,
         AOTStableDiffusionXLControlNetInpaintPipeline,
+        AOTPixArtSigmaPipeline,
     )
 }
 # The diffusers class a model's model_index.json names -> the compiled class that exports it.
@@ -64,6 +66,7 @@ FAMILIES: dict[str, tuple[type, type | None, type | None]] = {
     # Instruction editing: the input image is what the prompt edits, so image-to-image is all they do.
     "instruct-pix2pix": (AOTStableDiffusionInstructPix2PixPipeline, None, None),
     "stable-diffusion-xl-instruct-pix2pix": (AOTStableDiffusionXLInstructPix2PixPipeline, None, None),
+    "pixart-sigma": (AOTPixArtSigmaPipeline, None, None),
 }
 EDITING = ("instruct-pix2pix", "stable-diffusion-xl-instruct-pix2pix")
 # Guided by conditioning images (export with --controlnet): text-to-image takes them as `image`, image-to-image and

@@ -32,6 +32,8 @@ from ..export.pipeline import (
     CONTROLNET_PREFIX,
     controlnets_of,
     default_shapes,
+    denoiser_of,
+    downsampling_of,
     export_pipeline,
     save_uncompiled_parts,
 )
@@ -44,7 +46,9 @@ from ..runtime.components import (
     AOTControlNet,
     AOTImageEncoder,
     AOTMultiControlNet,
+    AOTT5EncoderModel,
     AOTTextEncoder,
+    AOTTransformer,
     AOTUNet,
 )
 from ..shapes import PipelineShapes
@@ -58,7 +62,7 @@ logger = logging.getLogger(__name__)
 REUSED_ARGUMENTS = (
     "device", "auto_cast", "auto_cast_type", "freezing", "vae_encoder", "deep_cache", "quantize", "fp32_linear",
     "conv_algorithm", "batch_size", "height", "width", "num_images_per_prompt", "classifier_free_guidance",
-    "split_guidance_batch", "extra_sizes", "group_norm", "attention",
+    "split_guidance_batch", "extra_sizes", "group_norm", "attention", "sequence_length",
 )  # fmt: skip
 
 
@@ -140,6 +144,7 @@ class AOTPipelineMixin:
         classifier_free_guidance: bool | None = None,
         split_guidance_batch: bool = False,
         extra_sizes: list[tuple[int, int]] | str | None = None,
+        sequence_length: int | None = None,
         overwrite: bool = False,
         compile_cache: bool = True,
         reuse_compiled: str | Path | None = None,
@@ -207,8 +212,9 @@ class AOTPipelineMixin:
             num_images_per_prompt=num_images_per_prompt,
             classifier_free_guidance=classifier_free_guidance,
             split_guidance_batch=split_guidance_batch,
+            sequence_length=sequence_length,
         )
-        downsampling = 2 ** (len(source.unet.config.block_out_channels) - 1)
+        downsampling = downsampling_of(denoiser_of(source))
         sizes = check_sizes(shapes, extra_sizes or [], source.vae_scale_factor, downsampling)
         options = CompilerOptions(
             Precision(auto_cast, auto_cast_type),
@@ -256,6 +262,8 @@ class AOTPipelineMixin:
 
             nets = [ControlNetModel.from_pretrained(str(i), dtype=torch.float32, **hub_kwargs) for i in ids]
             extra["controlnet"] = nets[0] if len(nets) == 1 else nets  # a list: diffusers' MultiControlNetModel
+        if unet_id is not None and "unet" not in init_params:
+            raise ValueError(f"{cls.__name__} has no UNet to replace (unet_id, --unet): its denoiser is a transformer.")
         if unet_id is not None:
             from diffusers import UNet2DConditionModel
 
@@ -302,8 +310,12 @@ class AOTPipelineMixin:
         components: dict[str, Any] = {}
         for name in ("text_encoder", "text_encoder_2"):
             if name in compiled:
-                components[name] = AOTTextEncoder(compiled[name])
-        components["unet"] = AOTUNet(compiled["unet"], shallow=compiled.get(SHALLOW_COMPONENT))
+                takes_mask = any(spec["name"] == "attention_mask" for spec in compiled[name].inputs)
+                components[name] = (AOTT5EncoderModel if takes_mask else AOTTextEncoder)(compiled[name])
+        if "transformer" in compiled:
+            components["transformer"] = AOTTransformer(compiled["transformer"])
+        else:
+            components["unet"] = AOTUNet(compiled["unet"], shallow=compiled.get(SHALLOW_COMPONENT))
         components["vae"] = AOTAutoencoderKL(compiled["vae_decoder"], compiled.get("vae_encoder"))
         if "image_encoder" in compiled:
             components["image_encoder"] = AOTImageEncoder(compiled["image_encoder"])
@@ -457,6 +469,11 @@ class AOTPipelineMixin:
 
     # ---------------------------------------------------------------------------- device rules
     @property
+    def _denoiser(self) -> Any:
+        """The compiled model the denoising loop calls: the UNet, or a transformer (PixArt)."""
+        return denoiser_of(self)
+
+    @property
     def device(self) -> torch.device:
         return self.compiled_device
 
@@ -485,10 +502,10 @@ class AOTPipelineMixin:
         """
         if mode not in ("none", "all", "unet"):
             raise ValueError(f"`data_parallel_mode` must be 'none', 'all' or 'unet', got {mode!r}.")
-        for pool in (self._replicas, self.unet.replicas):
+        for pool in (self._replicas, self._denoiser.replicas):
             if pool is not None:
                 pool.close()
-        self._replicas = self.unet.replicas = None
+        self._replicas = self._denoiser.replicas = None
         if mode == "none":
             return self
         from ..runtime.parallel import ReplicaPool, compiled_component, default_cpu_groups
@@ -502,7 +519,7 @@ class AOTPipelineMixin:
         if not self.static_shapes.split_guidance_batch:
             raise ValueError(
                 "data_parallel_mode='unet' runs the two guidance halves on two UNet replicas, but this UNet was "
-                f"compiled for the whole guidance batch ({self.unet.batch_size}). Export again with "
+                f"compiled for the whole guidance batch ({self._denoiser.batch_size}). Export again with "
                 "--split-guidance-batch (split_guidance_batch=True), or use data_parallel_mode='all'."
             )
         if len(devices) != 2:
@@ -536,6 +553,9 @@ class AOTPipelineMixin:
                 f"caching, 3 is DeepCache's usual setting), got {cache_interval!r}."
             )
         bound = inspect.signature(self.diffusers_class.__call__).bind(self, *args, **kwargs)
+        if "max_sequence_length" in bound.signature.parameters and "max_sequence_length" not in bound.arguments:
+            # Left out, the prompt length is the compiled one (as height and width are the compiled size).
+            bound.arguments["max_sequence_length"] = self.static_shapes.sequence_length
         bound.apply_defaults()
         call = dict(bound.arguments)
         call.pop("self")
@@ -549,7 +569,7 @@ class AOTPipelineMixin:
             conform_images(call, shapes, self.vae_scale_factor, resize=resize_images)
             chunks = chunk_call(call, shapes.batch_size, shapes.num_images_per_prompt, unsplit=self._unsplit())
             if chunks.whole:
-                with self.unet.step_cache(cache_interval):
+                with self._denoiser.step_cache(cache_interval):
                     return super().__call__(**call, **extra)
             logger.info(
                 "Compiled for %d prompt(s) per call: running %d, as %d call(s), the padding's images dropped.",
@@ -557,7 +577,7 @@ class AOTPipelineMixin:
             )  # fmt: skip
             outputs = []
             for part in chunks.calls:
-                with self.unet.step_cache(cache_interval):  # each call starts with a full UNet step
+                with self._denoiser.step_cache(cache_interval):  # each call starts with a full UNet step
                     outputs.append(super().__call__(**part, **extra))
             return combine_outputs(outputs, call.get("return_dict", True), chunks.images)
 
@@ -632,6 +652,14 @@ class AOTPipelineMixin:
                 f"with num_images_per_prompt={nipp}. Call it with num_images_per_prompt="
                 f"{shapes.num_images_per_prompt}, or export again with --num-images-per-prompt {nipp}."
             )
+        length = call.get("max_sequence_length")
+        if length is not None and length != shapes.sequence_length:
+            raise ValueError(
+                f"This pipeline's text encoder and {type(self._denoiser).__name__} were compiled for prompts of "
+                f"{shapes.sequence_length} tokens, but it was called with max_sequence_length={length}. Call with "
+                f"max_sequence_length={shapes.sequence_length} (longer prompts are truncated to it, with diffusers' "
+                f"warning), or export again with --sequence-length {length}."
+            )
         self._check_guidance(call)
         return asked
 
@@ -641,22 +669,24 @@ class AOTPipelineMixin:
         if scale is None:
             return
         image_scale = call.get("image_guidance_scale")  # InstructPix2Pix: guidance needs it >= 1 too
-        wants_guidance = scale > 1 and self.unet.config.time_cond_proj_dim is None
+        wants_guidance = scale > 1 and self._denoiser.config.get("time_cond_proj_dim") is None
         asked = f"guidance_scale={scale}"
         if image_scale is not None:
             wants_guidance = wants_guidance and image_scale >= 1
             asked += f", image_guidance_scale={image_scale}"
         on = "guidance_scale > 1" + (" and image_guidance_scale >= 1" if image_scale is not None else "")
+        denoiser = "UNet" if getattr(self, "unet", None) is not None else "transformer"
         if wants_guidance and not shapes.classifier_free_guidance:
             raise ValueError(
-                f"{asked} asks for classifier-free guidance, but the UNet was compiled without the guidance batch "
-                f"(batch {self.unet.batch_size}). Call with guidance_scale=0.0 (or <= 1), or export again without "
-                "--no-classifier-free-guidance."
+                f"{asked} asks for classifier-free guidance, but the {denoiser} was compiled without the guidance "
+                f"batch (batch {self._denoiser.batch_size}). Call with guidance_scale=0.0 (or <= 1), or export again "
+                "without --no-classifier-free-guidance."
             )
         if not wants_guidance and shapes.classifier_free_guidance:
             raise ValueError(
-                f"{asked} turns classifier-free guidance off, but the UNet was compiled for the guidance batch (batch "
-                f"{self.unet.batch_size}). Call with {on}, or export again with --no-classifier-free-guidance."
+                f"{asked} turns classifier-free guidance off, but the {denoiser} was compiled for the guidance batch "
+                f"(batch {self._denoiser.batch_size}). Call with {on}, or export again with "
+                "--no-classifier-free-guidance."
             )
 
 

@@ -251,7 +251,7 @@ def lora_method(method: str):
 
     def call(self, *args: Any, **kwargs: Any) -> Any:
         with self._call_lock:
-            if self._replicas is not None or self.unet.replicas is not None:
+            if self._replicas is not None or self._denoiser.replicas is not None:
                 raise ValueError(
                     f"{method} changes the weights of this process's compiled models, not of its data-parallel "
                     "replicas: call enable_data_parallel('none') first, or fuse the LoRA at export (--lora)."

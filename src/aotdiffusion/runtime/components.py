@@ -100,6 +100,77 @@ class AOTTextEncoder(AOTModelPart):
         return result if return_dict else result.to_tuple()
 
 
+class AOTT5EncoderModel(AOTModelPart):
+    """A compiled T5 encoder (PixArt-Σ): the prompt's padding mask is a graph input, the last hidden state its
+    output."""
+
+    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, return_dict: bool = True,
+                 **kwargs: Any):  # fmt: skip
+        from transformers.modeling_outputs import BaseModelOutput
+
+        if unsupported := sorted(k for k, v in kwargs.items() if v is not None and v is not False):
+            raise ValueError(f"The compiled T5 encoder does not take {unsupported}.")
+        compiled = self.compiled.input_shape("input_ids")[1]
+        if input_ids.shape[1] != compiled:
+            raise ValueError(
+                f"{self.compiled.name} was compiled for prompts of {compiled} tokens (max_sequence_length), got "
+                f"{input_ids.shape[1]}: call with max_sequence_length={compiled}, or export again with "
+                f"--sequence-length {input_ids.shape[1]}."
+            )
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        hidden = self.compiled(input_ids=input_ids, attention_mask=attention_mask)["last_hidden_state"]
+        result = BaseModelOutput(last_hidden_state=hidden)
+        return result if return_dict else result.to_tuple()
+
+
+class AOTTransformer(AOTModelPart):
+    """A compiled PixArt-Σ transformer, called as diffusers' PixArt pipelines call ``PixArtTransformer2DModel``."""
+
+    def __init__(self, compiled: CompiledComponent):
+        super().__init__(compiled)
+        self.replicas = None
+
+    @property
+    def batch_size(self) -> int:
+        return self.compiled.input_shape("hidden_states")[0]
+
+    @contextmanager
+    def step_cache(self, interval: int) -> Iterator[None]:
+        if interval != 1:
+            raise ValueError(
+                f"cache_interval={interval} reuses a UNet's deep features between steps (DeepCache); a transformer "
+                "model has no such blocks: call with cache_interval=1."
+            )
+        yield
+
+    def __call__(
+        self,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        timestep: torch.Tensor | float | int,
+        added_cond_kwargs: dict[str, Any] | None = None,
+        encoder_attention_mask: torch.Tensor | None = None,
+        return_dict: bool = True,
+        **kwargs: Any,
+    ):
+        from diffusers.models.modeling_outputs import Transformer2DModelOutput
+
+        given = {k: v for k, v in {**(added_cond_kwargs or {}), **kwargs}.items() if v is not None}
+        if given:
+            raise ValueError(f"The compiled transformer does not take {sorted(given)}.")
+        batch = hidden_states.shape[0]
+        # Timesteps are embedded in fp32 whatever the scheduler's type, as in AOTUNet.
+        timestep = torch.as_tensor(timestep, device=hidden_states.device).to(torch.float32).reshape(-1).expand(batch)
+        if encoder_attention_mask is None:
+            encoder_attention_mask = torch.ones(encoder_hidden_states.shape[:2], device=hidden_states.device)
+        out = self.compiled(
+            hidden_states=hidden_states, encoder_hidden_states=encoder_hidden_states, timestep=timestep,
+            encoder_attention_mask=encoder_attention_mask,
+        )["sample"]  # fmt: skip
+        return Transformer2DModelOutput(sample=out) if return_dict else (out,)
+
+
 class AOTUNet(AOTModelPart):
     def __init__(self, compiled: CompiledComponent, shallow: CompiledComponent | None = None):
         super().__init__(compiled)

@@ -92,7 +92,9 @@ class ExportInfo:
                 f"{folder} is a ControlNet export, which the server does not serve yet (its API has no conditioning "
                 "image); run it with `aotdiffusion generate --control-image` or the Python API."
             )
-        unet = artifact.read_json(folder / "unet" / "config.json")
+        # The denoiser: a UNet, or a transformer (PixArt).
+        denoiser = "unet" if "unet" in block["components"] else "transformer"
+        unet = artifact.read_json(folder / denoiser / "config.json")
         tasks = task_classes(
             exported, unet_in_channels=unet["in_channels"], vae_encoder="vae_encoder" in block["components"]
         )
@@ -159,7 +161,7 @@ class Runner:
             folder, device=device, trust_remote_code=trust_remote_code
         )
         exported.set_progress_bar_config(disable=True)
-        unet_channels = exported.unet.config.in_channels
+        unet_channels = exported._denoiser.config.in_channels
         classes = task_classes(
             type(exported), unet_in_channels=unet_channels, vae_encoder=exported.vae.encoder is not None
         )
