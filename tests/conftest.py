@@ -494,3 +494,23 @@ def pixart_bf16_export(tiny, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("exports") / "pixart-sigma-bf16"
     AOTPixArtSigmaPipeline.export(tiny("pixart-sigma"), out, auto_cast="all", auto_cast_type="bf16", sequence_length=64)
     return out
+
+
+@pytest.fixture(scope="session")
+@built_once
+def sd3_export(tiny, tmp_path_factory) -> Path:
+    """Tiny SD3 by the CLI, fp32, at its defaults: 64x64 and 256 T5 tokens (diffusers' max_sequence_length)."""
+    out = tmp_path_factory.mktemp("exports") / "sd3"
+    cli("export", "--model", str(tiny("sd3")), "--auto-cast", "none", str(out))
+    return out
+
+
+@pytest.fixture(scope="session")
+@built_once
+def sd3_bf16_export(tiny, tmp_path_factory) -> Path:
+    """Tiny SD3 through Python, every op in bf16, for 32-token T5 prompts."""
+    from aotdiffusion import AOTStableDiffusion3Pipeline
+
+    out = tmp_path_factory.mktemp("exports") / "sd3-bf16"
+    AOTStableDiffusion3Pipeline.export(tiny("sd3"), out, auto_cast="all", auto_cast_type="bf16", sequence_length=32)
+    return out

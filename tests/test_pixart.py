@@ -104,7 +104,7 @@ def test_pixart_refuses_what_it_cannot_run(pixart_export, tiny, tmp_path):
     model = tiny("pixart-sigma")
     for kwargs, message in [
         ({"quantize": "int8"}, "--quantize int8 calibrates and quantizes a UNet"),
-        ({"deep_cache": True}, "a transformer \\(PixArt\\) has none"),
+        ({"deep_cache": True}, "a transformer \\(PixArt, SD3\\) has"),
         ({"split_guidance_batch": True}, "--split-guidance-batch is for UNet models"),
     ]:
         with pytest.raises(ValueError, match=message):
@@ -119,3 +119,23 @@ def cli_free_sd_shapes(model, **requested):
     from aotdiffusion.export.pipeline import default_shapes
 
     return default_shapes(StableDiffusionPipeline.from_pretrained(model), **requested)
+
+
+def test_pixart_new_weights_without_compiling(pixart_export, tmp_path):
+    """--reuse-compiled: another PixArt-Σ of the same architecture runs the compiled code (its position embedding, a
+    non-persistent buffer the compile copies, is placed by name)."""
+    from diffusers import PixArtSigmaPipeline
+
+    from aotdiffusion.random_models import tiny_pixart_sigma
+
+    other = tiny_pixart_sigma(seed=1)
+    other.save_pretrained(tmp_path / "other")
+    out = tmp_path / "reused"
+    result = cli("export", "--model", str(tmp_path / "other"), "--reuse-compiled", str(pixart_export), str(out))
+    assert "no compiling" in result.stdout
+    pipe = AOTPixArtSigmaPipeline.from_pretrained(out)
+    eager = PixArtSigmaPipeline.from_pretrained(tmp_path / "other")
+    eager.set_progress_bar_config(disable=True)
+    got, want = _images(pipe), _eager(eager)
+    assert np.abs(got - want).max() < 1e-4
+    assert np.abs(got - _images(AOTPixArtSigmaPipeline.from_pretrained(pixart_export))).max() > 1e-2  # new weights

@@ -14,7 +14,7 @@ from .export.staging import DiskFullError
 
 TASKS = [
     "auto", "stable-diffusion", "stable-diffusion-xl", "latent-consistency", "instruct-pix2pix",
-    "stable-diffusion-xl-instruct-pix2pix", "pixart-sigma",
+    "stable-diffusion-xl-instruct-pix2pix", "pixart-sigma", "stable-diffusion-3",
 ]  # fmt: skip
 
 
@@ -76,8 +76,8 @@ def _parser() -> argparse.ArgumentParser:
         export,
         "sequence-length",
         type=int,
-        help="prompt length in tokens for T5 models (PixArt-Σ; default the pipeline's max_sequence_length, 300): "
-        "longer prompts are truncated to it",
+        help="prompt length in tokens for T5 models (default the pipeline's max_sequence_length: PixArt-Σ 300, SD3 "
+        "256): longer prompts are truncated to it",
     )
     _flag(
         export,
@@ -358,6 +358,7 @@ def _parser() -> argparse.ArgumentParser:
             "ip-adapter-sdxl",
             "ip-adapter-full-sdxl",
             "pixart-sigma",
+            "sd3",
         ],
     )
     tiny.add_argument("output", type=Path)

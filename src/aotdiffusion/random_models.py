@@ -92,11 +92,11 @@ def tiny_t5_tokenizer(model_max_length: int = 512):
     return T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=model_max_length)
 
 
-def _tiny_t5_encoder(seed: int, tokenizer):
+def _tiny_t5_encoder(seed: int, tokenizer, d_model: int = 32):
     from transformers import T5Config, T5EncoderModel
 
     torch.manual_seed(seed)
-    config = T5Config(vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
+    config = T5Config(vocab_size=len(tokenizer), d_model=d_model, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
                       relative_attention_num_buckets=8, decoder_start_token_id=0)  # fmt: skip
     return T5EncoderModel(config).eval()
 
@@ -124,6 +124,32 @@ def tiny_pixart_sigma(seed: int = 0):
         vae=vae,
         transformer=transformer,
         scheduler=DPMSolverMultistepScheduler(),
+    )
+
+
+def tiny_stable_diffusion_3(seed: int = 0):
+    """A StableDiffusion3Pipeline producing 64x64 images: two CLIP encoders with projection (their hidden states
+    concatenated are T5's width, as SD3's 768 + 1280 pad to 4096), T5, a 2-layer MMDiT and a 16-channel-style VAE
+    with SD3's shift and scale."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+
+    clip, t5 = tiny_clip_tokenizer(), tiny_t5_tokenizer()
+    torch.manual_seed(seed)
+    transformer = SD3Transformer2DModel(
+        sample_size=32, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8, num_attention_heads=4,
+        joint_attention_dim=64, caption_projection_dim=32, pooled_projection_dim=64, out_channels=4,
+    ).eval()  # fmt: skip
+    vae = _tiny_vae(seed, shift_factor=0.0609, scaling_factor=1.5035, use_quant_conv=False, use_post_quant_conv=False)
+    return StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=vae,
+        text_encoder=_tiny_text_encoder(seed, clip, with_projection=True),
+        tokenizer=clip,
+        text_encoder_2=_tiny_text_encoder(seed + 1, clip, with_projection=True),
+        tokenizer_2=tiny_clip_tokenizer(),
+        text_encoder_3=_tiny_t5_encoder(seed, t5, d_model=64),
+        tokenizer_3=t5,
     )
 
 
@@ -578,6 +604,7 @@ TINY_MODELS = {
     "ip-adapter-sdxl": tiny_sdxl_ip_adapter,
     "ip-adapter-full-sdxl": lambda: tiny_sdxl_ip_adapter(seed=1, full=True),
     "pixart-sigma": tiny_pixart_sigma,
+    "sd3": tiny_stable_diffusion_3,
 }
 FULL_SIZE_MODELS = {
     "sd": full_size_stable_diffusion_15,

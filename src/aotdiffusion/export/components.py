@@ -179,6 +179,57 @@ def transformer_spec(transformer: torch.nn.Module, shapes: PipelineShapes, vae_s
     )
 
 
+class _SD3TransformerGraph(torch.nn.Module):
+    def __init__(self, transformer: torch.nn.Module):
+        super().__init__()
+        self.transformer = transformer
+
+    def forward(self, hidden_states, encoder_hidden_states, pooled_projections, timestep):
+        return self.transformer(
+            hidden_states=hidden_states, encoder_hidden_states=encoder_hidden_states,
+            pooled_projections=pooled_projections, timestep=timestep, return_dict=False,
+        )  # fmt: skip
+
+
+def sd3_transformer_spec(
+    transformer: torch.nn.Module, shapes: PipelineShapes, vae_scale_factor: int, clip_length: int
+) -> ComponentSpec:
+    """SD3's MMDiT at the batch it really receives: its prompt is the CLIP encoders' ``clip_length`` tokens followed
+    by T5's ``shapes.sequence_length``, and its pooled projection the two CLIP encoders' pooled outputs."""
+    config = transformer.config
+    batch = shapes.unet_batch
+    h, w = shapes.height // vae_scale_factor, shapes.width // vae_scale_factor
+    tokens = clip_length + shapes.sequence_length
+
+    def make_inputs(gen: torch.Generator) -> dict[str, torch.Tensor]:
+        return {
+            "hidden_states": torch.randn(batch, config.in_channels, h, w, generator=gen),
+            "encoder_hidden_states": torch.randn(batch, tokens, config.joint_attention_dim, generator=gen),
+            "pooled_projections": torch.randn(batch, config.pooled_projection_dim, generator=gen),
+            # Flow-matching timesteps: sigmas (0-1] times 1000, any real value.
+            "timestep": torch.rand(batch, generator=gen) * 1000,
+        }
+
+    return ComponentSpec(
+        name="transformer",
+        role="transformer",
+        module=_SD3TransformerGraph(transformer).eval(),
+        make_inputs=make_inputs,
+        output_names=["sample"],
+        config=_config_dict(transformer),
+        static={
+            "batch_size": batch,
+            "height": h,
+            "width": w,
+            "sequence_length": shapes.sequence_length,
+            "clip_sequence_length": clip_length,
+            "classifier_free_guidance": shapes.classifier_free_guidance,
+            "split_guidance_batch": shapes.split_guidance_batch,
+            "guidance_copies": shapes.guidance_copies,
+        },
+    )
+
+
 class _UNetGraph(torch.nn.Module):
     def __init__(self, unet: torch.nn.Module, input_names: list[str], ip_scales: Any = None):
         super().__init__()

@@ -29,6 +29,7 @@ from .components import (
     controlnet_spec,
     image_encoder_spec,
     ip_image_embeds_shapes,
+    sd3_transformer_spec,
     t5_encoder_spec,
     text_encoder_spec,
     transformer_spec,
@@ -52,7 +53,7 @@ from .validate import ValidationError, ValidationReport, validate_component
 # Pipeline attributes that are compiled; everything else (scheduler, tokenizers, feature extractor)
 # is saved by its own library and loaded back by it.
 COMPILED_ATTRIBUTES = (
-    "text_encoder", "text_encoder_2", "unet", "transformer", "vae", "controlnet", "image_encoder",
+    "text_encoder", "text_encoder_2", "text_encoder_3", "unet", "transformer", "vae", "controlnet", "image_encoder",
 )  # fmt: skip
 
 
@@ -201,23 +202,34 @@ def component_specs(
 
 
 def _transformer_specs(pipe: DiffusionPipeline, shapes: PipelineShapes, *, deep_cache: bool) -> list[ComponentSpec]:
-    """PixArt-Σ: its T5 encoder, its DiT and the VAE."""
+    """PixArt-Σ (its T5 encoder, its DiT) and SD3 (two CLIP encoders, T5, its MMDiT), and the VAE decoder."""
     if deep_cache:
         raise ValueError(
-            "Step caching (--deep-cache) reuses a UNet's deep blocks between steps; a transformer (PixArt) has none: "
-            "export it without --deep-cache."
+            "Step caching (--deep-cache) reuses a UNet's deep blocks between steps; a transformer (PixArt, SD3) has "
+            "none: export it without --deep-cache."
         )
     if shapes.split_guidance_batch:
         raise ValueError(
             "--split-guidance-batch is for UNet models (data_parallel_mode='unet'); export the transformer model "
             "without it."
         )
-    # No VAE encoder: diffusers' PixArt pipelines only generate (no image-to-image or inpainting sibling uses it).
-    return [
-        t5_encoder_spec("text_encoder", pipe.text_encoder, shapes),
-        transformer_spec(pipe.transformer, shapes, pipe.vae_scale_factor),
-        vae_decoder_spec(pipe.vae, shapes, pipe.vae_scale_factor),
-    ]
+    # No VAE encoder: only text-to-image is compiled for these (no image-to-image or inpainting sibling uses it).
+    decoder = vae_decoder_spec(pipe.vae, shapes, pipe.vae_scale_factor)
+    if not hasattr(pipe, "text_encoder_3"):  # PixArt-Σ: one T5 encoder
+        return [
+            t5_encoder_spec("text_encoder", pipe.text_encoder, shapes),
+            transformer_spec(pipe.transformer, shapes, pipe.vae_scale_factor),
+            decoder,
+        ]
+    # SD3: two CLIP encoders at their own 77 tokens, T5 (optional: diffusers uses zeros without it) at the compiled
+    # prompt length.
+    clip_length = pipe.tokenizer.model_max_length
+    clip_shapes = replace(shapes, sequence_length=clip_length)
+    specs = [text_encoder_spec(name, getattr(pipe, name), clip_shapes) for name in ("text_encoder", "text_encoder_2")]
+    if pipe.text_encoder_3 is not None:
+        specs.append(t5_encoder_spec("text_encoder_3", pipe.text_encoder_3, shapes))
+    specs.append(sd3_transformer_spec(pipe.transformer, shapes, pipe.vae_scale_factor, clip_length))
+    return [*specs, decoder]
 
 
 def _check_ip_adapter_shapes(pipe: DiffusionPipeline, shapes: PipelineShapes, deep_cache: bool) -> None:

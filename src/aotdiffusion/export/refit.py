@@ -393,6 +393,9 @@ def _program(recorder: Recorder, tensors: dict[str, torch.Tensor], weights: set[
     ``always_keep_tensor_constants`` prevents (export/compile.py)."""
     by_pointer = {tensors[name].data_ptr(): name for name in weights if _strided(tensors[name])}
     made_by_code = {t.data_ptr() for n, t in tensors.items() if n not in weights and _strided(t)}
+    # A weight the compile copied (a non-persistent buffer, lifted as an export constant: PixArt's position
+    # embedding) keeps its name in the constant's, not its memory; its copy's bytes are checked like every other's.
+    by_name = {name.replace(".", "_"): name for name in weights if _strided(tensors[name])}
     constants, offset = [], 0
     inputs: dict[str, dict] = {}
     fixed: dict[str, torch.Tensor] = {}
@@ -406,6 +409,9 @@ def _program(recorder: Recorder, tensors: dict[str, torch.Tensor], weights: set[
             inputs[entry["input"]] = _spec(tensors[entry["input"]])
         elif pointer is not None and (pointer in made_by_code or name.startswith("_tensor_constant")):
             entry["source"] = "fixed"  # a tensor the traced code created itself: no weight behind it
+        elif name in by_name and _spec(tensors[by_name[name]]) == {"shape": layout["shape"], "dtype": layout["dtype"]}:
+            entry["source"], entry["input"] = "weight", by_name[name]
+            inputs[entry["input"]] = _spec(tensors[entry["input"]])
         else:  # e.g. a constant a compiler pass registered itself (int8 repacks): its origin is unknown
             raise _Unsupported(f"the constant {name} comes from neither a weight nor a recorded folding")
         constants.append(entry)

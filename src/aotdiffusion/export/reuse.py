@@ -177,7 +177,12 @@ def _refit_component(
     dropped = {blob.name, sizes.UNSHARED_FILE}
     with low_precision_weights(module, precision):
         wrapper = PrecisionWrapper(module, precision)
-        tensors = {**dict(wrapper.named_parameters()), **dict(wrapper.named_buffers())}
+        # Tied weights under every name (T5's encoder.embed_tokens is its shared embedding): the compiled program
+        # may have recorded either.
+        tensors = {
+            **dict(wrapper.named_parameters(remove_duplicate=False)),
+            **dict(wrapper.named_buffers(remove_duplicate=False)),
+        }
         tensors = {name: tensor.detach().to(manifest["device"]) for name, tensor in tensors.items()}
         refit.check_inputs(program, tensors, source.name)
         shutil.copytree(package, new_package, ignore=lambda _, files: [f for f in files if f in dropped])

@@ -10,6 +10,7 @@ from .stable_diffusion import (
     AOTStableDiffusionInstructPix2PixPipeline,
     AOTStableDiffusionPipeline,
 )
+from .stable_diffusion_3 import AOTStableDiffusion3Pipeline
 from .stable_diffusion_xl import (
     AOTStableDiffusionXLControlNetImg2ImgPipeline,
     AOTStableDiffusionXLControlNetInpaintPipeline,
@@ -24,6 +25,7 @@ __all__ = [
     "AOTDiffusionPipeline",
     "AOTLatentConsistencyModelPipeline",
     "AOTPixArtSigmaPipeline",
+    "AOTStableDiffusion3Pipeline",
     "AOTStableDiffusionPipeline",
     "AOTStableDiffusionControlNetPipeline",
     "AOTStableDiffusionControlNetImg2ImgPipeline",

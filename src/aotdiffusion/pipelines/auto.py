@@ -17,6 +17,7 @@ from .stable_diffusion import (
     AOTStableDiffusionInstructPix2PixPipeline,
     AOTStableDiffusionPipeline,
 )
+from .stable_diffusion_3 import AOTStableDiffusion3Pipeline
 from .stable_diffusion_xl import (
     AOTStableDiffusionXLControlNetImg2ImgPipeline,
     AOTStableDiffusionXLControlNetInpaintPipeline,
@@ -46,6 +47,7 @@ PIPELINES = {
         AOTStableDiffusionXLControlNetImg2ImgPipeline,
         AOTStableDiffusionXLControlNetInpaintPipeline,
         AOTPixArtSigmaPipeline,
+        AOTStableDiffusion3Pipeline,
     )
 }
 # The diffusers class a model's model_index.json names -> the compiled class that exports it.
@@ -67,6 +69,7 @@ FAMILIES: dict[str, tuple[type, type | None, type | None]] = {
     "instruct-pix2pix": (AOTStableDiffusionInstructPix2PixPipeline, None, None),
     "stable-diffusion-xl-instruct-pix2pix": (AOTStableDiffusionXLInstructPix2PixPipeline, None, None),
     "pixart-sigma": (AOTPixArtSigmaPipeline, None, None),
+    "stable-diffusion-3": (AOTStableDiffusion3Pipeline, None, None),
 }
 EDITING = ("instruct-pix2pix", "stable-diffusion-xl-instruct-pix2pix")
 # Guided by conditioning images (export with --controlnet): text-to-image takes them as `image`, image-to-image and

@@ -308,7 +308,7 @@ class AOTPipelineMixin:
             for name in block["components"]
         }
         components: dict[str, Any] = {}
-        for name in ("text_encoder", "text_encoder_2"):
+        for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):
             if name in compiled:
                 takes_mask = any(spec["name"] == "attention_mask" for spec in compiled[name].inputs)
                 components[name] = (AOTT5EncoderModel if takes_mask else AOTTextEncoder)(compiled[name])
@@ -610,7 +610,11 @@ class AOTPipelineMixin:
             )
         probe = copy.deepcopy(self.scheduler)
         probe.set_timesteps(steps)
-        last = int(torch.as_tensor(probe.timesteps).max()) if len(probe.timesteps) else 0
+        timesteps = torch.as_tensor(probe.timesteps)
+        if timesteps.is_floating_point():
+            # Continuous timesteps (flow matching: sigma x 1000, up to 1000 itself) index no trained table.
+            return
+        last = int(timesteps.max()) if len(timesteps) else 0
         if last >= limit:
             raise ValueError(
                 f"num_inference_steps={steps} makes {name} (steps_offset={probe.config.get('steps_offset', 0)}) step "

@@ -242,7 +242,10 @@ def _hollow_model(name: str, config: Any, entry: Any, folder: Path) -> torch.nn.
     else:
         model_class = trusted.adaptable_model_class(*(entry or [None, None]), where=where)
         with torch.device("meta"):
-            model = model_class(model_class.config_class.from_dict(dict(config)))
+            if hasattr(model_class, "config_class"):  # transformers
+                model = model_class(model_class.config_class.from_dict(dict(config)))
+            else:  # diffusers (SD3's transformer)
+                model = model_class.from_config(dict(config))
     return _hollow(model)
 
 

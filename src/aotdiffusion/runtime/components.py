@@ -125,11 +125,13 @@ class AOTT5EncoderModel(AOTModelPart):
 
 
 class AOTTransformer(AOTModelPart):
-    """A compiled PixArt-Σ transformer, called as diffusers' PixArt pipelines call ``PixArtTransformer2DModel``."""
+    """A compiled transformer denoiser, called as diffusers' pipelines call it: PixArt-Σ's ``PixArtTransformer2DModel``
+    (a prompt mask) or SD3's ``SD3Transformer2DModel`` (pooled projections). The graph's inputs say which."""
 
     def __init__(self, compiled: CompiledComponent):
         super().__init__(compiled)
         self.replicas = None
+        self._inputs = [spec["name"] for spec in compiled.inputs]
 
     @property
     def batch_size(self) -> int:
@@ -149,25 +151,32 @@ class AOTTransformer(AOTModelPart):
         hidden_states: torch.Tensor,
         encoder_hidden_states: torch.Tensor,
         timestep: torch.Tensor | float | int,
-        added_cond_kwargs: dict[str, Any] | None = None,
+        pooled_projections: torch.Tensor | None = None,
         encoder_attention_mask: torch.Tensor | None = None,
+        added_cond_kwargs: dict[str, Any] | None = None,
         return_dict: bool = True,
         **kwargs: Any,
     ):
         from diffusers.models.modeling_outputs import Transformer2DModelOutput
 
+        # PixArt-Σ passes resolution and aspect_ratio as None; joint_attention_kwargs (a LoRA scale) and skip_layers
+        # (skip-layer guidance) would change the graph.
         given = {k: v for k, v in {**(added_cond_kwargs or {}), **kwargs}.items() if v is not None}
         if given:
             raise ValueError(f"The compiled transformer does not take {sorted(given)}.")
         batch = hidden_states.shape[0]
         # Timesteps are embedded in fp32 whatever the scheduler's type, as in AOTUNet.
         timestep = torch.as_tensor(timestep, device=hidden_states.device).to(torch.float32).reshape(-1).expand(batch)
-        if encoder_attention_mask is None:
-            encoder_attention_mask = torch.ones(encoder_hidden_states.shape[:2], device=hidden_states.device)
-        out = self.compiled(
-            hidden_states=hidden_states, encoder_hidden_states=encoder_hidden_states, timestep=timestep,
-            encoder_attention_mask=encoder_attention_mask,
-        )["sample"]  # fmt: skip
+        inputs = {"hidden_states": hidden_states, "encoder_hidden_states": encoder_hidden_states, "timestep": timestep}
+        if "encoder_attention_mask" in self._inputs:
+            if encoder_attention_mask is None:
+                encoder_attention_mask = torch.ones(encoder_hidden_states.shape[:2], device=hidden_states.device)
+            inputs["encoder_attention_mask"] = encoder_attention_mask
+        if "pooled_projections" in self._inputs:
+            if pooled_projections is None:
+                raise ValueError("This transformer (SD3) needs pooled_projections, which were not given.")
+            inputs["pooled_projections"] = pooled_projections
+        out = self.compiled(**inputs)["sample"]
         return Transformer2DModelOutput(sample=out) if return_dict else (out,)
 
 

@@ -35,7 +35,11 @@ SAVED_PART_BASES: dict[str, tuple[str, ...]] = {
 }
 
 # Text encoders a LoRA may adapt on a loaded pipeline (pipelines/lora.py rebuilds them, hollow, from their config).
-ADAPTABLE_TEXT_ENCODERS = frozenset({"CLIPTextModel", "CLIPTextModelWithProjection"})
+# The models a LoRA on a loaded export may adapt (rebuilt hollow from their config), by library.
+ADAPTABLE_MODELS = {
+    "transformers": frozenset({"CLIPTextModel", "CLIPTextModelWithProjection"}),
+    "diffusers": frozenset({"SD3Transformer2DModel"}),
+}
 
 
 def _import(qualified: str) -> Any:
@@ -87,12 +91,12 @@ def saved_part_class(library: Any, class_name: Any, where: str) -> type:
 
 
 def adaptable_model_class(library: Any, class_name: Any, where: str) -> type:
-    """The text encoder class of a model_index.json entry ``[library, class_name]``, for LoRA on a loaded export."""
-    if library != "transformers" or class_name not in ADAPTABLE_TEXT_ENCODERS:
+    """The model class of a model_index.json entry ``[library, class_name]`` (a CLIP text encoder, SD3's
+    transformer), for LoRA on a loaded export."""
+    if not isinstance(library, str) or class_name not in ADAPTABLE_MODELS.get(library, ()):
+        allowed = "; ".join(f"{', '.join(sorted(names))} of {lib}" for lib, names in ADAPTABLE_MODELS.items())
         raise ArtifactError(
-            f"{where} names the text encoder [{library!r}, {class_name!r}]; a LoRA adapts only "
-            f"{', '.join(sorted(ADAPTABLE_TEXT_ENCODERS))} of transformers. Refusing to import it."
+            f"{where} names the model [{library!r}, {class_name!r}]; a LoRA adapts only {allowed}. Refusing to "
+            "import it."
         )
-    import transformers
-
-    return getattr(transformers, class_name)
+    return getattr(importlib.import_module(library), class_name)
