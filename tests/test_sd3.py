@@ -114,3 +114,24 @@ def test_sd3_generate_cli_and_refusals(sd3_export, eager_sd3, tmp_path):
     for kwargs, message in refusals:
         with pytest.raises(ValueError, match=message):
             pipe(PROMPT, num_inference_steps=2, **kwargs)
+
+
+def test_sd3_without_t5(sd3_export, tmp_path):
+    """SD3 saved without its T5 encoder (diffusers then gives zeros in its place): exported without it, the other
+    graphs from the compile cache (the same graphs and weights as ``sd3_export``'s)."""
+    from diffusers import StableDiffusion3Pipeline
+
+    from aotdiffusion.random_models import tiny_stable_diffusion_3
+
+    full = tiny_stable_diffusion_3()
+    parts = {**full.components, "text_encoder_3": None, "tokenizer_3": None}
+    StableDiffusion3Pipeline(**parts).save_pretrained(tmp_path / "no-t5")
+    out = tmp_path / "no-t5-export"
+    AOTStableDiffusion3Pipeline.export(tmp_path / "no-t5", out, auto_cast="none")
+    _, block = artifact.read_pipeline_index(out)
+    assert "text_encoder_3" not in block["components"]
+    eager = StableDiffusion3Pipeline.from_pretrained(tmp_path / "no-t5", text_encoder_3=None, tokenizer_3=None)
+    eager.set_progress_bar_config(disable=True)
+    pipe = AOTStableDiffusion3Pipeline.from_pretrained(out)
+    assert pipe.text_encoder_3 is None
+    assert np.abs(_images(pipe) - _images(eager)).max() < 1e-4

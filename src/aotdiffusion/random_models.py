@@ -481,8 +481,7 @@ def _full_size_vae(**overrides):
         layers_per_block=2,
         down_block_types=["DownEncoderBlock2D"] * 4,
         up_block_types=["UpDecoderBlock2D"] * 4,
-        latent_channels=4,
-        **overrides,
+        **{"latent_channels": 4, **overrides},
     )
 
 
@@ -530,37 +529,27 @@ def full_size_stable_diffusion_15(seed: int = 0):
     )
 
 
+def _full_size_clip_pair(tokenizer, *, first_projected: bool):
+    """CLIP ViT-L and OpenCLIP ViT-bigG text encoders (SDXL's and SD3's), random weights."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    special = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                   pad_token_id=tokenizer.pad_token_id, vocab_size=49408, max_position_embeddings=77)  # fmt: skip
+    large = CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12,
+                           hidden_act="quick_gelu", projection_dim=768, **special)  # fmt: skip
+    big = CLIPTextConfig(hidden_size=1280, intermediate_size=5120, num_attention_heads=20, num_hidden_layers=32,
+                         hidden_act="gelu", projection_dim=1280, **special)  # fmt: skip
+    first = (CLIPTextModelWithProjection if first_projected else CLIPTextModel)(large)
+    return first.eval(), CLIPTextModelWithProjection(big).eval()
+
+
 def full_size_stable_diffusion_xl(seed: int = 0):
     """SDXL base 1.0's architecture (2.6B-parameter UNet, CLIP-L + OpenCLIP-G, 1024x1024) with random weights."""
     from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     tokenizer = tiny_clip_tokenizer()
-    special = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                   pad_token_id=tokenizer.pad_token_id, vocab_size=49408, max_position_embeddings=77)  # fmt: skip
     torch.manual_seed(seed)
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            hidden_size=768,
-            intermediate_size=3072,
-            num_attention_heads=12,
-            num_hidden_layers=12,
-            hidden_act="quick_gelu",
-            projection_dim=768,
-            **special,
-        )  # fmt: skip
-    )
-    text_encoder_2 = CLIPTextModelWithProjection(
-        CLIPTextConfig(
-            hidden_size=1280,
-            intermediate_size=5120,
-            num_attention_heads=20,
-            num_hidden_layers=32,
-            hidden_act="gelu",
-            projection_dim=1280,
-            **special,
-        )  # fmt: skip
-    )
+    text_encoder, text_encoder_2 = _full_size_clip_pair(tokenizer, first_projected=False)
     unet = UNet2DConditionModel(
         sample_size=128,
         block_out_channels=(320, 640, 1280),
@@ -578,13 +567,42 @@ def full_size_stable_diffusion_xl(seed: int = 0):
     vae = _full_size_vae(sample_size=1024, scaling_factor=0.13025, force_upcast=True)
     return StableDiffusionXLPipeline(
         vae=vae.eval(),
-        text_encoder=text_encoder.eval(),
-        text_encoder_2=text_encoder_2.eval(),
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
         tokenizer=tokenizer,
         tokenizer_2=tokenizer,
         unet=unet.eval(),
         scheduler=_sdxl_scheduler(),
         add_watermarker=False,
+    )
+
+
+def full_size_stable_diffusion_3(seed: int = 0):
+    """SD3-medium's architecture (2B-parameter MMDiT, CLIP-L + OpenCLIP-G, 16-channel VAE, 1024x1024) with random
+    weights, without its T5-XXL encoder (4.8B parameters: 19 GB in fp32, more than this 24 GiB machine can export
+    beside the rest). diffusers runs SD3 without T5 (zero embeddings in its place), as its docs describe."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+
+    tokenizer = tiny_clip_tokenizer()
+    torch.manual_seed(seed)
+    text_encoder, text_encoder_2 = _full_size_clip_pair(tokenizer, first_projected=True)
+    transformer = SD3Transformer2DModel(
+        sample_size=128, patch_size=2, in_channels=16, num_layers=24, attention_head_dim=64, num_attention_heads=24,
+        joint_attention_dim=4096, caption_projection_dim=1536, pooled_projection_dim=2048, out_channels=16,
+        pos_embed_max_size=192,
+    ).eval()  # fmt: skip
+    vae = _full_size_vae(sample_size=1024, latent_channels=16, scaling_factor=1.5305, shift_factor=0.0609,
+                         use_quant_conv=False, use_post_quant_conv=False)  # fmt: skip
+    return StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=vae.eval(),
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=tokenizer,
+        text_encoder_3=None,
+        tokenizer_3=None,
     )
 
 
@@ -610,6 +628,7 @@ FULL_SIZE_MODELS = {
     "sd": full_size_stable_diffusion_15,
     "sdxl": full_size_stable_diffusion_xl,
     "controlnet": full_size_controlnet,
+    "sd3": full_size_stable_diffusion_3,
 }
 
 

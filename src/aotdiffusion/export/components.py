@@ -90,6 +90,32 @@ def text_encoder_spec(name: str, model: torch.nn.Module, shapes: PipelineShapes)
     )
 
 
+def _denoiser_static(shapes: PipelineShapes, vae_scale_factor: int) -> dict[str, Any]:
+    """The static facts of a denoiser (UNet or transformer) that the runtime's call checks read."""
+    return {
+        "batch_size": shapes.unet_batch,
+        "height": shapes.height // vae_scale_factor,
+        "width": shapes.width // vae_scale_factor,
+        "sequence_length": shapes.sequence_length,
+        "classifier_free_guidance": shapes.classifier_free_guidance,
+        "split_guidance_batch": shapes.split_guidance_batch,
+        "guidance_copies": shapes.guidance_copies,
+    }
+
+
+def _transformer_component(graph: torch.nn.Module, make_inputs, transformer: torch.nn.Module,
+                           static: dict[str, Any]) -> ComponentSpec:  # fmt: skip
+    return ComponentSpec(
+        name="transformer",
+        role="transformer",
+        module=graph.eval(),
+        make_inputs=make_inputs,
+        output_names=["sample"],
+        config=_config_dict(transformer),
+        static=static,
+    )
+
+
 class _T5EncoderGraph(torch.nn.Module):
     def __init__(self, model: torch.nn.Module):
         super().__init__()
@@ -160,23 +186,8 @@ def transformer_spec(transformer: torch.nn.Module, shapes: PipelineShapes, vae_s
             "encoder_attention_mask": (torch.arange(seq) < lengths).long(),
         }
 
-    return ComponentSpec(
-        name="transformer",
-        role="transformer",
-        module=_PixArtTransformerGraph(transformer).eval(),
-        make_inputs=make_inputs,
-        output_names=["sample"],
-        config=_config_dict(transformer),
-        static={
-            "batch_size": batch,
-            "height": h,
-            "width": w,
-            "sequence_length": seq,
-            "classifier_free_guidance": shapes.classifier_free_guidance,
-            "split_guidance_batch": shapes.split_guidance_batch,
-            "guidance_copies": shapes.guidance_copies,
-        },
-    )
+    static = _denoiser_static(shapes, vae_scale_factor)
+    return _transformer_component(_PixArtTransformerGraph(transformer), make_inputs, transformer, static)
 
 
 class _SD3TransformerGraph(torch.nn.Module):
@@ -210,24 +221,8 @@ def sd3_transformer_spec(
             "timestep": torch.rand(batch, generator=gen) * 1000,
         }
 
-    return ComponentSpec(
-        name="transformer",
-        role="transformer",
-        module=_SD3TransformerGraph(transformer).eval(),
-        make_inputs=make_inputs,
-        output_names=["sample"],
-        config=_config_dict(transformer),
-        static={
-            "batch_size": batch,
-            "height": h,
-            "width": w,
-            "sequence_length": shapes.sequence_length,
-            "clip_sequence_length": clip_length,
-            "classifier_free_guidance": shapes.classifier_free_guidance,
-            "split_guidance_batch": shapes.split_guidance_batch,
-            "guidance_copies": shapes.guidance_copies,
-        },
-    )
+    static = {**_denoiser_static(shapes, vae_scale_factor), "clip_sequence_length": clip_length}
+    return _transformer_component(_SD3TransformerGraph(transformer), make_inputs, transformer, static)
 
 
 class _UNetGraph(torch.nn.Module):
@@ -326,13 +321,7 @@ def unet_spec(
         output_names=["sample"],
         config=_config_dict(unet),
         static={
-            "batch_size": batch,
-            "height": h,
-            "width": w,
-            "sequence_length": shapes.sequence_length,
-            "classifier_free_guidance": shapes.classifier_free_guidance,
-            "split_guidance_batch": shapes.split_guidance_batch,
-            "guidance_copies": shapes.guidance_copies,
+            **_denoiser_static(shapes, vae_scale_factor),
             # SDXL's pipeline checks its time ids against the UNet's add_embedding width.
             "add_embedding_in_features": unet.add_embedding.linear_1.in_features if text_embeds_dim else None,
             "ip_adapter": ip[1] if ip else None,

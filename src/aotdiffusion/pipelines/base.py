@@ -270,6 +270,14 @@ class AOTPipelineMixin:
             extra["unet"] = UNet2DConditionModel.from_pretrained(unet_id, dtype=torch.float32, **hub_kwargs)
         if "safety_checker" in init_params:
             extra.update(safety_checker=None, requires_safety_checker=False)
+        # Parts the model was saved without ([null, null] in model_index.json: SD3 without its T5 encoder), which
+        # diffusers' loader wants named.
+        index = cls.diffusers_class.load_config(
+            str(model_id), **{k: v for k, v in hub_kwargs.items() if k in ("revision", "token", "cache_dir")}
+        )
+        for name, entry in index.items():
+            if entry in ([None, None], (None, None)) and name in init_params and name not in extra:
+                extra[name] = None
         pipe = cls.diffusers_class.from_pretrained(str(model_id), dtype=torch.float32, **extra, **hub_kwargs)
         if unet_id is not None and pipe.unet.config.time_cond_proj_dim is not None:
             from diffusers import LCMScheduler
