@@ -5,11 +5,11 @@ blocks of 32-512 queries and keys with one small GEMM call per block: with SD 1.
 too small to reach the matrix units, and the kernel runs far below them. Measured on an AMD EPYC Zen 5 (2 cores,
 bf16, torch 2.13): the UNet's 4096-token self-attention (2 x 8 heads x 40) 290 ms per call, 1.7 s of a 3.5 s
 UNet step, while the same attention written as ``bmm(q, k^T)``, an fp32 softmax and ``bmm(p, v)`` over chunks of
-2 heads x 256 queries (scores of 8 MB, which stay in cache) runs in 146 ms once inductor has fused the scaling
-and softmax between the matmuls (the softmax now normalised after the value product, with exp2: see
-:func:`chunked_attention`). Whether it pays depends on the CPU's GEMM kernels (the flash kernel uses AMX
-where there is one), so ``auto`` times both on the component's long attention shapes, in its type, and keeps
-the faster; the choice is printed and stored in its manifest (``attention_choice``).
+2 heads x 256 queries (scores of 8 MB, which stay in cache; 16 MB chunks now: ``_SCORE_BYTES``) runs in
+146 ms once inductor has fused the scaling and softmax between the matmuls (the softmax now normalised after
+the value product, with exp2: see :func:`chunked_attention`). Whether it pays depends on the CPU's GEMM kernels
+(the flash kernel uses AMX where there is one), so ``auto`` times both on the component's long attention shapes,
+in its type, and keeps the faster; the choice is printed and stored in its manifest (``attention_choice``).
 """
 
 from __future__ import annotations
@@ -33,7 +33,12 @@ ATTENTIONS = ("auto", "sdpa", "chunked")
 # scores are small, and the flash kernel is not what limits it. SD 1.5's 1024-token self-attention
 # ([2,8,1024,80], bf16, Zen 4) runs in 21 ms chunked against SDPA's 33.
 MIN_SCORES = 1024 * 1024
-_HEADS, _QUERIES = 2, 256
+# Each chunk: 2 heads and as many queries as keep its fp32 scores within 16 MiB (512 queries of 4096 keys; a
+# 1024-token attention in one chunk per head pair). Inductor lowers every chunk on its own, so their number is
+# the export's cost: 8 MiB chunks (256 queries) made SD 1.5's UNet 800 chunks, and its 4096-token attention
+# compiled in 30.4 s against 12.2 s for 16 MiB, which runs as fast (272.6 against 266.7 ms, [2,8,4096,40] bf16,
+# median of 9 alternated calls; 1024 tokens 23.3 against 20.9 ms; AMD EPYC Zen 4, 2 cores).
+_HEADS, _SCORE_BYTES, _MIN_QUERIES = 2, 16 << 20, 256
 _LOG2_E = 1.4426950408889634
 
 
@@ -50,12 +55,13 @@ def chunked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
     for size in batch:
         heads *= size
     q, k, v = q.reshape(heads, length, width), k.reshape(heads, k.shape[-2], width), v.reshape(heads, v.shape[-2], -1)
+    queries = max(_MIN_QUERIES, _SCORE_BYTES // (_HEADS * k.shape[1] * 4))
     rows = []
     for h in range(0, heads, _HEADS):
         keys, values = k[h : h + _HEADS].transpose(1, 2), v[h : h + _HEADS]
         parts = []
-        for i in range(0, length, _QUERIES):
-            scores = torch.bmm(q[h : h + _HEADS, i : i + _QUERIES], keys).float()
+        for i in range(0, length, queries):
+            scores = torch.bmm(q[h : h + _HEADS, i : i + queries], keys).float()
             # The softmax left unnormalised, its sum divided out of the small output instead: inductor then
             # computes each exponential once, in the pass that sums them, where torch.softmax computes it twice.
             # exp2 with log2(e) folded into the scale is the cheaper of the two in PyTorch's vector code.
