@@ -20,7 +20,7 @@ import hashlib
 import json
 import platform
 import shutil
-import zipfile
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -135,17 +135,26 @@ def check_origin(block: dict[str, Any], where: str | Path, trust_remote_code: bo
     )
 
 
-def unpack_package(package: Path, target: Path) -> None:
-    """Extracts an AOTInductor ``.pt2`` zip into ``target`` (its top folder, named after the file, dropped)."""
-    with zipfile.ZipFile(package) as archive:
-        for member in archive.infolist():
-            relative = Path(*Path(member.filename).parts[1:])
-            if member.is_dir() or not relative.parts:
-                continue
-            destination = target / relative
-            destination.parent.mkdir(parents=True, exist_ok=True)
-            with archive.open(member) as source, open(destination, "wb") as out:
-                shutil.copyfileobj(source, out, 1 << 24)
+def place_package(files: list[str], target: Path) -> None:
+    """Lays AOTInductor's output ``files`` out in ``target`` as torch's ``.pt2`` zip holds them, unzipped: what
+    its package loader opens as a folder. Each file is moved out of inductor's output folder: a rename where both
+    are on one file system (the weights blob is gigabytes: no copy, no read). Not a hard link: inductor names the
+    files after the code alone, so compiling other weights of the same architecture rewrites that same file."""
+    from torch.export.pt2_archive import constants
+
+    model = target / constants.AOTINDUCTOR_DIR / "model"
+    model.mkdir(parents=True, exist_ok=True)
+    for file in files:
+        if not isinstance(file, str):  # in-memory weights: only when constants are packaged in the library's way
+            raise ArtifactError(f"AOTInductor returned {type(file).__name__} where a file was expected.")
+        if not file:
+            continue
+        destination = model / Path(file).name
+        destination.unlink(missing_ok=True)
+        shutil.move(file, destination)
+    (target / constants.ARCHIVE_FORMAT_PATH).write_text(constants.ARCHIVE_FORMAT_VALUE)
+    (target / constants.ARCHIVE_VERSION_PATH).write_text(constants.ARCHIVE_VERSION_VALUE)
+    (target / "byteorder").write_text(sys.byteorder)
 
 
 def package_files(folder: Path) -> list[Path]:
