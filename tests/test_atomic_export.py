@@ -35,22 +35,23 @@ KILLER = textwrap.dedent(
         real_export = torch.export.export
         torch.export.export = lambda *a, **k: die()
     elif moment == "compiling":  # while AOTInductor compiles the first component
-        real_compile = torch._inductor.aoti_compile_and_package
+        real_compile = torch._inductor.aot_compile
         def compile_then_die(*a, **k):
             threading.Timer(1.0, die).start()
             real_compile(*a, **k)
             die()
-        torch._inductor.aoti_compile_and_package = compile_then_die
-    elif moment == "writing weights":  # half of the first weights blob written
-        real_copy = artifact.shutil.copyfileobj
-        def copy(source, out, *a):
-            if out.name.endswith("_weights.blob"):
-                data = source.read()
-                out.write(data[: len(data) // 2])
-                out.flush()
+        torch._inductor.aot_compile = compile_then_die
+    elif moment == "writing weights":  # half of the first weights blob in the export's folder
+        real_move = artifact.shutil.move
+        def move(source, destination):
+            if str(source).endswith("_weights.blob"):
+                with open(source, "rb") as f, open(destination, "wb") as out:
+                    data = f.read()
+                    out.write(data[: len(data) // 2])
+                    out.flush()
                 die()
-            real_copy(source, out, *a)
-        artifact.shutil.copyfileobj = copy
+            return real_move(source, destination)
+        artifact.shutil.move = move
     elif moment == "validating":
         pipeline.validate_component = lambda *a, **k: die()
     elif moment == "moving into place":  # the previous export moved aside, the new one not yet in
