@@ -49,7 +49,7 @@ def test_generate_in_a_fresh_process_without_a_compiler(sd_bf16_cli, tmp_path):
         from torch._inductor import cpp_builder
         def refuse(*a, **k):
             raise SystemExit("compilation attempted during generate")
-        torch._inductor.aoti_compile_and_package = refuse
+        torch._inductor.aot_compile = refuse
         cf.compile_fx = refuse
         cpp_builder.CppBuilder.build = refuse
     """)

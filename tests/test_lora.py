@@ -120,7 +120,7 @@ def no_compiling(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("an AOTInductor compile ran")
 
-    monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", refuse)
+    monkeypatch.setattr(torch._inductor, "aot_compile", refuse)
 
 
 def _both(compiled, eager, method, *args, **kwargs):

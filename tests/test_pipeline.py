@@ -110,7 +110,7 @@ def test_reload_compiles_nothing(sd_fp32, eager_sd, load, monkeypatch):
     import torch._inductor.compile_fx as compile_fx
     from torch._inductor import cpp_builder
 
-    monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", refuse)
+    monkeypatch.setattr(torch._inductor, "aot_compile", refuse)
     monkeypatch.setattr(torch.export, "export", refuse)
     monkeypatch.setattr(compile_fx, "compile_fx", refuse)
     monkeypatch.setattr(cpp_builder.CppBuilder, "build", refuse)
