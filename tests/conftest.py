@@ -21,15 +21,10 @@ from filelock import FileLock
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # The sha256 record of verified files (checksums.py) goes to a folder of this run, not the user's cache.
-# Removed when the process that made it ends (pytest-xdist's workers inherit the folder from the main process):
-# each run left 300-400 MB of compiled code in /tmp before.
 if "AOTDIFFUSION_CACHE_DIR" not in os.environ:
-    import atexit
-    import shutil
     import tempfile
 
     os.environ["AOTDIFFUSION_CACHE_DIR"] = tempfile.mkdtemp(prefix="aotdiffusion-test-cache-")
-    atexit.register(shutil.rmtree, os.environ["AOTDIFFUSION_CACHE_DIR"], ignore_errors=True)
 
 PROMPT = "a photo of an astronaut riding a horse on mars"
 STEPS = 4
