@@ -112,6 +112,7 @@ before = rss()
 with low_precision_weights(module, Precision("all", "bf16"), offload=True):
     inside = rss()
     dtypes = {t.dtype for t in module.parameters()}
+after = rss()  # the fp32 weights are back, mapped from the file: not read until used
 try:
     with low_precision_weights(module, Precision("all", "bf16"), offload=True):
         raise KeyError("compile failed")
@@ -119,7 +120,7 @@ except KeyError:
     pass
 state = module.state_dict()
 same = all(t.dtype == torch.float32 and torch.equal(t.to(torch.float64), originals[n]) for n, t in state.items())
-print(before - inside, dtypes == {torch.bfloat16}, same)
+print(before - inside, before - after, dtypes == {torch.bfloat16}, same)
 """
 
 
@@ -127,8 +128,10 @@ def test_offloaded_fp32_weights_leave_memory_while_compiling_and_come_back_exact
     # compile_component holds the fp32 weights in a file while it compiles from the bf16 copies (full-size SD 1.5
     # UNet: 3.4 GB less at the export's peak); they must come back bit for bit, after a failed compile too.
     out = subprocess.run([sys.executable, "-c", _OFFLOAD_SCRIPT], capture_output=True, text=True, check=True)
-    freed, bf16_inside, restored = out.stdout.split()
+    freed, still_freed, bf16_inside, restored = out.stdout.split()
     assert int(freed) > 200, out.stdout  # 512 MiB fp32 out, 256 MiB of bf16 copies in
+    # Back as a mapping, not read: an export that validates and then releases the UNet never reads them again.
+    assert int(still_freed) > 400, out.stdout
     assert bf16_inside == "True" and restored == "True", out.stdout
 
 
@@ -323,3 +326,43 @@ def test_auto_type_is_the_default_and_needs_resolving():
         _ = Precision().low_dtype
     assert Precision().resolved("bf16").low_dtype == torch.bfloat16
     assert Precision("none").low_dtype == torch.float32
+
+
+class _Doubles(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor):
+        self.calls += 1
+        return (x * 2,)
+
+
+class _Compiled:
+    """Stands for a loaded compiled component: what validation calls on it."""
+
+    device = torch.device("cpu")
+    folder = "compiled"
+
+    def __init__(self, scale: float) -> None:
+        self.scale = scale
+
+    def __call__(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"out": x * self.scale}
+
+
+def test_validation_compares_with_the_eager_reference_computed_before_compiling():
+    # The export runs eager before compiling, so validation holds the compiled component alone (full-size SD 1.5:
+    # the fp32 UNet need not be in memory beside it); the eager module is not called again.
+    from aotdiffusion.export.components import ComponentSpec
+    from aotdiffusion.export.validate import ValidationError, eager_reference, validate_component
+
+    module = _Doubles()
+    spec = ComponentSpec("toy", "unet", module, lambda gen: {"x": torch.randn(3, generator=gen)}, ["out"], {})
+    reference = eager_reference(spec)
+    assert module.calls == 1 and torch.equal(reference.outputs[0], 2 * spec.example_inputs(1)["x"])
+    precision = Precision("none", "fp32")
+    assert validate_component(spec, _Compiled(2.0), precision, reference=reference).max_rel_error == 0.0
+    with pytest.raises(ValidationError, match="toy does not match eager PyTorch"):
+        validate_component(spec, _Compiled(2.5), precision, reference=reference)
+    assert module.calls == 1

@@ -48,7 +48,7 @@ from .quantize import (
     held_out,
     record_unet_inputs,
 )
-from .validate import ValidationError, ValidationReport, validate_component
+from .validate import ValidationError, ValidationReport, eager_reference, validate_component
 
 # Pipeline attributes that are compiled; everything else (scheduler, tokenizers, feature extractor)
 # is saved by its own library and loaded back by it.
@@ -567,6 +567,11 @@ def _compile_and_validate(
     measured type is left to try, which is then compiled in its place."""
     int8 = options.quantize == INT8
     describe = "int8 convolutions and linears, the rest fp32" if int8 else options.precision.describe()
+    # The eager reference first, while the fp32 weights are in memory anyway: validation then holds the compiled
+    # component alone (the compile offloads the fp32 weights and brings them back mapped from a file, unread).
+    reference = None
+    if validate:
+        reference = eager_reference(spec, inputs=held_out(spec.calibration) if int8 else None, device=options.device)
     log(f"{step}: tracing{', calibrating' if int8 else ''} and compiling ({describe})")
     with _heartbeat(log, f"compiling {spec.name}"), freed_memory_returned():
         manifest = compile_fn(spec, options, folder)
@@ -583,7 +588,7 @@ def _compile_and_validate(
             options.precision,
             tolerance=INT8_TOLERANCE if int8 else None,
             describe=describe,
-            inputs=held_out(spec.calibration) if int8 else None,
+            reference=reference,
         )
     except ValidationError as error:
         if last:
@@ -624,6 +629,7 @@ def _compile_extra_sizes(
         where = f"{step} at {size[0]}x{size[1]}"
         relative = sizes.folder_name(*size)
         sub = folder / spec.name / relative
+        reference = eager_reference(other, device=options.device) if validate else None
         log(f"{where}: compiling ({options.precision.describe()}, as the main size)")
         with _heartbeat(log, f"compiling {spec.name} at {size[0]}x{size[1]}"), freed_memory_returned():
             manifest = compile_fn(other, options, sub)
@@ -636,7 +642,8 @@ def _compile_extra_sizes(
             log(f"{where}: validating against eager PyTorch")
             write_manifest(sub, other.config, manifest)
             compiled = CompiledComponent(sub, device=options.device, main=main)
-            report = validate_component(other, compiled, options.precision, describe=options.precision.describe())
+            report = validate_component(other, compiled, options.precision, describe=options.precision.describe(),
+                                        reference=reference)  # fmt: skip
             manifest["validation"] = report.to_dict()
             log(f"{where}: max rel error {report.max_rel_error:.2e}")
             del compiled

@@ -178,9 +178,9 @@ def low_precision_weights(module: torch.nn.Module, precision: Precision, *, offl
     The fp32 tensors come back afterwards, so the caller's module stays the eager fp32 reference
     without a second copy of the model in memory.
 
-    ``offload``: the fp32 tensors wait in a temporary file meanwhile, not in memory. A compile needs only the
-    low-type copies, and freezing then holds gigabytes of folded constants beside them: the full-size SD 1.5
-    UNet's fp32 weights are 3.4 GB of a bf16 export's peak.
+    ``offload``: the fp32 tensors wait in a temporary file meanwhile, not in memory, and come back mapped from
+    it. A compile needs only the low-type copies, and freezing then holds gigabytes of folded constants beside
+    them: the full-size SD 1.5 UNet's fp32 weights are 3.4 GB of a bf16 export's peak.
     """
     _compilable(precision)
     if precision.low_dtype == torch.float32:
@@ -209,7 +209,10 @@ def low_precision_weights(module: torch.nn.Module, precision: Precision, *, offl
         try:
             yield module
         finally:
-            for tensor, data in zip(weights, torch.load(file, weights_only=True) if file is not None else originals):
+            # Mapped, not read: pages come into memory only where the fp32 weights are used again (a later compile
+            # or eager call), not when a full-size UNet is validated and then released (export/pipeline.py).
+            restored = torch.load(file, weights_only=True, mmap=True) if file is not None else originals
+            for tensor, data in zip(weights, restored):
                 tensor.data = data
             for owner, name, tensor in buffers:
                 owner[name] = tensor
