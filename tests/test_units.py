@@ -373,9 +373,10 @@ def _rss_mib() -> float:
         return next(int(line.split()[1]) for line in status if line.startswith("VmRSS")) / 1024
 
 
-def test_weights_blob_is_built_in_its_file_and_leaves_memory_before_the_builds(tmp_path):
+def test_weights_blob_is_built_in_its_file_without_staying_in_memory(tmp_path):
     # codecache's own sequence (torch 2.13 AotCodeCompiler.compile): bytearray(size), a ctypes view memmoved into,
     # the view deleted, len() before g++, then open(<...>_weights.blob, "wb").write(buffer) after it.
+    # codecache calls ctypes.memmove through the module, as this test does.
     import ctypes
 
     from torch._inductor import codecache
@@ -386,13 +387,13 @@ def test_weights_blob_is_built_in_its_file_and_leaves_memory_before_the_builds(t
     source = torch.arange(size // 4, dtype=torch.int32)
     target = tmp_path / "model_weights.blob"
     with blob_built_in_file():
+        start = _rss_mib()
         buffer = codecache.bytearray(size)
         view = (ctypes.c_ubyte * size).from_buffer(buffer)
         ctypes.memmove(ctypes.addressof(view), source.data_ptr(), size)
         del view
-        before = _rss_mib()
-        assert len(buffer) == size
-        assert before - _rss_mib() > 200  # the filled pages left this process when the size was asked for
+        assert _rss_mib() - start < 64  # copied through the page cache: never resident in this process
+        assert len(buffer) == size and buffer.closed  # unmapped before the builds
         with codecache.open(target, "wb") as blob:
             blob.write(buffer)
         # Everything else still reaches the builtins.
@@ -446,3 +447,19 @@ def test_compile_leaves_no_folded_constant_behind_and_its_blob_reproduces(tmp_pa
     alive, refit_available, computed = out.stdout.split()
     assert alive == "0", out.stdout
     assert refit_available == "True" and int(computed) >= 2, out.stdout  # the Winograd transform and a prepack
+
+
+def test_page_out_reclaims_mapped_weights_and_never_loses_data(tmp_path):
+    # After freezing, the export pages the weights out (export/compile.py): mapped ones leave memory and read back
+    # equal; anonymous ones (no swap to go to) stay as they were.
+    from aotdiffusion.runtime.memory import page_out
+
+    torch.manual_seed(0)
+    anonymous = torch.randn(64 * 2**20 // 4)
+    torch.save({"w": anonymous}, tmp_path / "w.pt")
+    mapped = torch.load(tmp_path / "w.pt", mmap=True)["w"]
+    assert torch.equal(mapped, anonymous)  # every page read in
+    before = _rss_mib()
+    page_out([mapped, anonymous])
+    assert before - _rss_mib() > 48
+    assert torch.equal(mapped, anonymous) and torch.equal(anonymous, torch.load(tmp_path / "w.pt")["w"])

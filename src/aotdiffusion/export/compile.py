@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import save_file
 
 from .. import artifact, checksums
-from ..runtime.memory import return_freed_memory
+from ..runtime.memory import page_out, return_freed_memory
 from . import compile_cache, refit
 from .attention import ATTENTIONS, chunked_long_attention
 from .choose_precision import FP32_LINEAR_KERNELS
@@ -192,7 +192,6 @@ def compile_component(
             if cache_key is not None:
                 compile_cache.store(cache_key, package_dir, digests)
     del program
-    _forget_last_trace()
     # Part of this compile's state is held by reference cycles until the cyclic collector happens to run, which
     # was inside the next component's compile, after this one's validation (full-size SD 1.5's UNet on the AMD
     # EPYC Zen 4: 1.4 GiB freed here).
@@ -281,12 +280,14 @@ def _forget_last_trace() -> None:
     torch.export fills it for its non-strict leak check, every make_fx trace refills it, and only the next trace
     clears it: after a compile it holds the nodes of AOTAutograd's graph, and through them the frozen graph module
     with every folded constant and intermediate (full-size SD 1.5's fp32 UNet on the AMD EPYC Zen 3: 10.3 GiB of
-    Winograd transforms and 1.4 GiB of frozen parameters), alive through validation until the next component's
-    trace. Nothing reads it after the trace that filled it (torch.export's check runs right after its own trace).
+    Winograd transforms and 1.4 GiB of frozen parameters), alive through the refit check and validation until the
+    next component's trace. Nothing reads it after the trace that filled it (torch.export's check runs right after
+    its own trace).
     """
     from torch.fx.experimental import proxy_tensor
 
     proxy_tensor._FAKE_TENSOR_ID_TO_PROXY_MAP_FOR_EXPORT.clear()
+    gc.collect()  # the nodes and their graph refer to each other
 
 
 def _compile(spec: ComponentSpec, options: CompilerOptions, program: torch.export.ExportedProgram, target: Path):
@@ -307,12 +308,39 @@ def _compile(spec: ComponentSpec, options: CompilerOptions, program: torch.expor
             _fp32_linears_unpacked(options.fp32_linear == "mkl"),
             _wrapper_built_beside_kernels(),
             blob_built_in_file(),
+            _weights_paged_out_after_freezing(program),
         ):
             args, kwargs = program.example_inputs
             files = torch._inductor.aot_compile(program.module(check_guards=False), args, kwargs, options=configs)
     except Exception as error:
         raise ExportError(f"AOTInductor failed to compile {spec.name}: {error}") from error
+    finally:
+        _forget_last_trace()
     artifact.place_package(files, target)
+
+
+@contextmanager
+def _weights_paged_out_after_freezing(program: torch.export.ExportedProgram) -> Iterator[None]:
+    """Once freezing has computed every constant the compiled code reads (Winograd transforms, oneDNN-prepacked
+    and cast weights), inductor's lowering, code generation and C++ builds, minutes and the export's peak, read
+    the program's own weights only where a constant is one of them unchanged (norms, biases: small). Where the
+    weights are mapped from a file (safetensors as diffusers loads them; the export's fp32 offload), their pages
+    leave memory then, and are read from the file again by whatever uses them later (the refit check).
+    Full-size SD 1.5's fp32 UNet: 3.2 GiB of file pages during its lowering on the AMD EPYC Zen 3."""
+    from torch._inductor import freezing
+
+    freeze = freezing.freeze
+
+    def freeze_then_page_out(*args: Any, **kwargs: Any) -> Any:
+        frozen = freeze(*args, **kwargs)
+        page_out(program.state_dict.values())
+        return frozen
+
+    freezing.freeze = freeze_then_page_out
+    try:
+        yield
+    finally:
+        freezing.freeze = freeze
 
 
 @contextmanager

@@ -3,15 +3,19 @@
 torch 2.13's ``AotCodeCompiler.compile`` copies every constant into one ``bytearray`` the size of the blob before
 it runs g++, and writes that to ``*_weights.blob`` after: the whole blob sits in memory beside the lowering through
 both builds (full-size SD 1.5's UNet: 2.4 GB in bf16, 6.4 GB in fp32 with Winograd's transformed weights).
-Inside :func:`blob_built_in_file` that buffer is a shared mapping of a file beside inductor's output instead: the
-copy fills the page cache, the mapping is closed as soon as codecache asks its size (right after the copy,
-before the builds), the kernel writes the pages back, and the write of the blob becomes a rename of that file.
-The bytes are the same; the refit program's check reads the blob back and compares every constant.
+Inside :func:`blob_built_in_file` that buffer is a shared mapping of a file beside inductor's output instead: each
+constant copied in (codecache's ``ctypes.memmove``) is unmapped from the process right away, its bytes left to the
+page cache, which the kernel writes back; the mapping is closed when codecache asks its size (right after the copy,
+before the builds), and the write of the blob becomes a rename of that file. So the copy never holds more than
+one constant in this process, where the ``bytearray`` had the export's peak (the fp32 UNet: 6.5 GiB on top of the
+constants themselves). The bytes are the same; the refit program's check reads the blob back and compares every
+constant.
 """
 
 from __future__ import annotations
 
 import builtins
+import ctypes
 import mmap
 import os
 import shutil
@@ -27,6 +31,7 @@ class _MappedBlob(mmap.mmap):
 
     path: str
     size: int
+    address: int
 
     def __len__(self) -> int:
         # codecache takes len() once, after every constant is copied in and its ctypes view is deleted: the last
@@ -63,7 +68,19 @@ def blob_built_in_file() -> Iterator[None]:
     from torch._inductor import codecache
     from torch._inductor.runtime.runtime_utils import cache_dir
 
+    from ..runtime.memory import unmap_pages
+
     made: list[str] = []
+    live: list[_MappedBlob] = []
+    memmove = ctypes.memmove
+
+    def memmove_then_unmap(destination: Any, source: Any, count: int) -> Any:
+        result = memmove(destination, source, count)
+        if isinstance(destination, int):
+            for blob in live:
+                if not blob.closed and blob.address <= destination < blob.address + blob.size:
+                    unmap_pages(destination, count)  # a shared file mapping: the bytes stay in the page cache
+        return result
 
     def mapped_bytearray(*args: Any, **kwargs: Any) -> Any:
         if len(args) != 1 or kwargs or not isinstance(args[0], int) or args[0] <= 0:
@@ -76,7 +93,10 @@ def blob_built_in_file() -> Iterator[None]:
             blob = _MappedBlob(descriptor, size)
         finally:
             os.close(descriptor)  # the mapping keeps the file open
-        blob.path, blob.size = path, size
+        view = ctypes.c_char.from_buffer(blob)
+        blob.path, blob.size, blob.address = path, size, ctypes.addressof(view)
+        del view  # an exported buffer would keep the mapping from closing
+        live.append(blob)
         return blob
 
     def blob_open(file: Any, mode: str = "r", *args: Any, **kwargs: Any) -> Any:
@@ -86,9 +106,11 @@ def blob_built_in_file() -> Iterator[None]:
 
     codecache.bytearray = mapped_bytearray
     codecache.open = blob_open
+    ctypes.memmove = memmove_then_unmap  # codecache imports the module and looks the function up on each call
     try:
         yield
     finally:
         del codecache.bytearray, codecache.open
+        ctypes.memmove = memmove
         for path in made:  # a compile that failed between the copy and the write
             Path(path).unlink(missing_ok=True)

@@ -13,10 +13,15 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
+import mmap
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 # mallopt parameters from <malloc.h>, and glibc's defaults for the two
 _M_TRIM_THRESHOLD = -1
@@ -96,3 +101,46 @@ def _libc() -> ctypes.CDLL:
     libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
     libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     return libc
+
+
+# From <linux/mman.h> (MADV_PAGEOUT: Linux 5.4+); Python 3.11's mmap module does not name it.
+_MADV_DONTNEED = 4
+_MADV_PAGEOUT = 21
+
+
+def page_out(tensors: Iterable[torch.Tensor]) -> None:
+    """Asks the kernel to reclaim the pages of ``tensors`` now (``madvise(MADV_PAGEOUT)``).
+
+    Pages of a file mapping (weights safetensors mapped from disk, or the export's offloaded weights) leave the
+    process and are read from the file again if used; pages nothing else can hold (anonymous memory, without
+    swap) stay. No data is lost either way. A no-op where the kernel does not know the advice.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    page = mmap.PAGESIZE
+    seen = set()
+    for tensor in tensors:
+        if tensor.device.type != "cpu" or tensor.is_mkldnn or tensor.numel() == 0:
+            continue
+        storage = tensor.untyped_storage()
+        start = storage.data_ptr()
+        if start in seen:
+            continue
+        seen.add(start)
+        first = start // page * page  # a page shared with a neighbour is reclaimed too: it is read back if used
+        _madvise(first, start + storage.nbytes() - first, _MADV_PAGEOUT)
+
+
+def unmap_pages(address: int, count: int) -> None:
+    """Drops the pages of ``count`` bytes at ``address`` from this process (``madvise(MADV_DONTNEED)``, pages
+    rounded outward). Only for a shared file mapping, whose bytes the page cache keeps: private or anonymous
+    memory would read back as the file's bytes or zeros."""
+    if sys.platform.startswith("linux"):
+        first = address // mmap.PAGESIZE * mmap.PAGESIZE
+        _madvise(first, address + count - first, _MADV_DONTNEED)
+
+
+def _madvise(address: int, count: int, advice: int) -> None:
+    madvise = _libc().madvise
+    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    madvise(address, count, advice)
