@@ -184,6 +184,8 @@ def compile_component(
                                         "activations: export the new weights with --quantize int8")  # fmt: skip
             else:
                 refit.write_program(recorder, program, package_dir, folder / blob if blob else None)
+                # Its check read every weight back in; validation compares with outputs computed before compiling.
+                page_out(program.state_dict.values())
             del recorder
             digests = {
                 str(path.relative_to(artifact.PACKAGE_DIR)): checksums.sha256_file(folder / path)
