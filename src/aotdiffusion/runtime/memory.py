@@ -122,8 +122,11 @@ def page_out(tensors: Iterable[torch.Tensor]) -> None:
     for tensor in tensors:
         if tensor.device.type != "cpu" or tensor.is_mkldnn or tensor.numel() == 0:
             continue
-        storage = tensor.untyped_storage()
-        start = storage.data_ptr()
+        try:
+            storage = tensor.untyped_storage()
+            start = storage.data_ptr()
+        except (NotImplementedError, RuntimeError):  # a tensor subclass or layout with no plain storage
+            continue
         if start in seen:
             continue
         seen.add(start)
