@@ -100,6 +100,7 @@ def _libc() -> ctypes.CDLL:
     # Cached: find_library runs ldconfig in a subprocess, a fork of a process that may hold gigabytes.
     libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
     libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
     return libc
 
 
@@ -117,7 +118,6 @@ def page_out(tensors: Iterable[torch.Tensor]) -> None:
     """
     if not sys.platform.startswith("linux"):
         return
-    page = mmap.PAGESIZE
     seen = set()
     for tensor in tensors:
         if tensor.device.type != "cpu" or tensor.is_mkldnn or tensor.numel() == 0:
@@ -130,8 +130,7 @@ def page_out(tensors: Iterable[torch.Tensor]) -> None:
         if start in seen:
             continue
         seen.add(start)
-        first = start // page * page  # a page shared with a neighbour is reclaimed too: it is read back if used
-        _madvise(first, start + storage.nbytes() - first, _MADV_PAGEOUT)
+        _madvise(start, storage.nbytes(), _MADV_PAGEOUT)  # a page shared with a neighbour is read back if used
 
 
 def unmap_pages(address: int, count: int) -> None:
@@ -139,11 +138,10 @@ def unmap_pages(address: int, count: int) -> None:
     rounded outward). Only for a shared file mapping, whose bytes the page cache keeps: private or anonymous
     memory would read back as the file's bytes or zeros."""
     if sys.platform.startswith("linux"):
-        first = address // mmap.PAGESIZE * mmap.PAGESIZE
-        _madvise(first, address + count - first, _MADV_DONTNEED)
+        _madvise(address, count, _MADV_DONTNEED)
 
 
 def _madvise(address: int, count: int, advice: int) -> None:
-    madvise = _libc().madvise
-    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    madvise(address, count, advice)
+    """``madvise`` over the whole pages holding ``count`` bytes at ``address`` (it takes a page-aligned start)."""
+    first = address // mmap.PAGESIZE * mmap.PAGESIZE
+    _libc().madvise(first, address + count - first, advice)
