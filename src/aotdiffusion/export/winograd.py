@@ -112,8 +112,15 @@ def transform_weight(weight: torch.Tensor, tile: int) -> torch.Tensor:
     _, g, _ = _MATRICES[tile]
     g = torch.tensor(g, dtype=torch.float32, device=weight.device)
     alpha = tile + 2
-    u = torch.einsum("ai,kcij,bj->abck", g, weight.float(), g).to(weight.dtype)
+    u = _cast(torch.einsum("ai,kcij,bj->abck", g, _cast(weight, torch.float32), g), weight.dtype)
     return u.reshape(alpha * alpha, weight.shape[1], weight.shape[0])
+
+
+def _cast(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``tensor.to(dtype)`` without the type check torch.export records for ``.to``: freezing folds the cast, but
+    the check on its input kept that input (a weight, or the fp32 transform before rounding) alive through the
+    compile as a constant of the frozen graph."""
+    return tensor if tensor.dtype == dtype else torch.ops.aten._to_copy.default(tensor, dtype=dtype)
 
 
 def conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, tile: int) -> torch.Tensor:
