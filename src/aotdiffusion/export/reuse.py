@@ -156,7 +156,7 @@ def _refit_size(pipe, shapes: PipelineShapes, precision: Precision, names: list[
     write_manifest(target, spec.config, manifest)
     if validate:
         log(f"{step} at {height}x{width}: validating against eager PyTorch")
-        main = CompiledComponent(folder / name, device=manifest["device"], share=True)
+        main = CompiledComponent(folder / name, device=manifest["device"])
         runner = CompiledComponent(target, device=manifest["device"], main=main)
         manifest["validation"] = validate_component(spec, runner, component_precision).to_dict()
         del runner, main

@@ -22,7 +22,8 @@ from safetensors.torch import load_file
 
 from .. import artifact
 from ..export import refit, sizes
-from . import trusted
+from . import blob_constants, trusted
+from .blob_constants import BlobConstants
 from .memory import keep_freed_memory
 
 _DTYPES = {"float32": torch.float32, "int64": torch.int64, "int32": torch.int32}
@@ -38,10 +39,8 @@ class CompiledComponent:
         device: str | None = None,
         verify_checksums: bool = False,
         main: CompiledComponent | None = None,
-        share: bool = False,
     ):
-        """``main``: the main graph of the component whose extra image size ``folder`` is; ``share``: load so that
-        :meth:`constants` can hand this graph's constants to another (what an export with extra sizes does)."""
+        """``main``: the main graph of the component whose extra image size ``folder`` is."""
         self.folder = Path(folder)
         self.name = self.folder.name if main is None else f"{main.name} at {self.folder.name}"
         config, self.manifest = artifact.read_component(self.folder, verify_checksums=verify_checksums)
@@ -53,9 +52,7 @@ class CompiledComponent:
         if self.device.type == "cpu":
             keep_freed_memory()
         weights = self.manifest.get("weights", {})
-        # Only graphs that share constants need the runner that hands them over; the others load as before.
-        sharing = share or main is not None or len(self.manifest.get("sizes", [])) > 1
-        self._runner = _Runner(self.folder / graph["file"], self.device, sharing=sharing)
+        self._runner = _Runner(self.folder / graph["file"], self.device)
         # A weak reference: the main graph owns its sizes' graphs (no cycle, so they are freed when it is).
         self.main = weakref.proxy(main) if main is not None else None
         # This graph's constants that are the main graph's (by its name -> the main graph's name for it).
@@ -195,18 +192,20 @@ class CompiledComponent:
 
 
 class _Runner:
-    """The loaded library of one graph. For a graph that shares constants with another (``sharing``: several image
-    sizes) on CPU, AOTInductor's container runner opened on the library itself (it lists and hands over the
-    loaded constants); otherwise its package loader, which opens the unpacked folder in place
+    """The loaded library of one graph. On CPU, AOTInductor's container runner opened on the library itself (it
+    lists and hands over the loaded constants: several image sizes share them), its constants loaded by
+    runtime/blob_constants.py; elsewhere its package loader, which opens the unpacked folder in place
     (``aoti_load_package`` only takes a ``.pt2`` zip, which it extracts to a fresh temporary folder on every
     load)."""
 
-    def __init__(self, package: Path, device: torch.device, *, sharing: bool):
-        self.cpu = device.type == "cpu" and sharing
+    def __init__(self, package: Path, device: torch.device):
+        self.cpu = device.type == "cpu"
+        self._blob: BlobConstants | None = None  # owns the memory of the constants it loaded
         if self.cpu:
             library = next((p for p in sorted(package.rglob("*.wrapper.so"))), None)
             if library is None:
                 raise artifact.ArtifactError(f"{package} holds no compiled library (*.wrapper.so): export it again.")
+            self._library = library
             self._container = torch._C._aoti.AOTIModelContainerRunnerCpu(str(library), 1)
             self._names: dict[str, str] | None = None
         else:
@@ -218,8 +217,13 @@ class _Runner:
 
     def load_blob(self, blob: Path | None) -> None:
         """The constants from the package's weights blob (the package loader reads it itself)."""
-        if self.cpu and blob is not None:
+        if not self.cpu or blob is None:
+            return
+        if not blob_constants.available():
             self._container.update_constant_buffer_from_blob(str(blob))
+            return
+        self._blob = BlobConstants(self._library, blob)
+        self.set_constants(self._blob.tensors)
 
     def set_constants(self, constants: dict[str, torch.Tensor], *, partial: bool = False) -> None:
         """Hands ``constants`` (by internal name) to the compiled code without copying them: it reads them where
@@ -233,6 +237,11 @@ class _Runner:
         if self._names is None:  # the container lists its constants by their original names
             self._names = {fqn: name for name, fqn in self._container.get_constant_names_to_original_fqns().items()}
         return {self._names.get(k, k): v for k, v in self._container.extract_constants_map(False).items()}
+
+    def __del__(self) -> None:
+        # The container reads constants in the memory ``_blob`` owns: it goes first.
+        self.__dict__.pop("_container", None)
+        self.__dict__.pop("_blob", None)
 
     def __call__(self, args: list[torch.Tensor]) -> list[torch.Tensor]:
         if self.cpu:

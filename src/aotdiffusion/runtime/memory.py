@@ -18,6 +18,7 @@ import os
 import sys
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -98,10 +99,34 @@ def return_freed_memory() -> None:
 @functools.cache
 def _libc() -> ctypes.CDLL:
     # Cached: find_library runs ldconfig in a subprocess, a fork of a process that may hold gigabytes.
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
     libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
     return libc
+
+
+def map_file(path: Path) -> tuple[int, int]:
+    """Maps all of ``path`` read-only and shared (its pages are the page cache's); returns (address, bytes).
+
+    Python's ``mmap`` gives no address of a read-only mapping, which C code reading it (and :func:`unmap_pages`)
+    needs. Release it with :func:`unmap_file`.
+    """
+    size = path.stat().st_size
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        address = _libc().mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+    finally:
+        os.close(fd)
+    if address in (None, ctypes.c_void_p(-1).value):
+        raise OSError(ctypes.get_errno(), f"could not map {path}")
+    return address, size
+
+
+def unmap_file(address: int, size: int) -> None:
+    _libc().munmap(address, size)
 
 
 # From <linux/mman.h> (MADV_PAGEOUT: Linux 5.4+); Python 3.11's mmap module does not name it.
