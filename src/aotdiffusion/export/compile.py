@@ -323,26 +323,52 @@ def _compile(spec: ComponentSpec, options: CompilerOptions, program: torch.expor
 
 @contextmanager
 def _weights_paged_out_after_freezing(program: torch.export.ExportedProgram) -> Iterator[None]:
-    """Once freezing has computed every constant the compiled code reads (Winograd transforms, oneDNN-prepacked
-    and cast weights), inductor's lowering, code generation and C++ builds, minutes and the export's peak, read
-    the program's own weights only where a constant is one of them unchanged (norms, biases: small). Where the
-    weights are mapped from a file (safetensors as diffusers loads them; the export's fp32 offload), their pages
-    leave memory then, and are read from the file again by whatever uses them later (the refit check).
-    Full-size SD 1.5's fp32 UNet: 3.2 GiB of file pages during its lowering on the AMD EPYC Zen 3."""
-    from torch._inductor import freezing
+    """Keeps the program's weights out of memory while they are not read: before the compile (the eager reference
+    read them), each right after constant folding read it, and all of them after freezing. Once freezing has
+    computed every constant the compiled code reads (Winograd transforms, oneDNN-prepacked and cast weights),
+    inductor's lowering, code generation and C++ builds, minutes, read the program's own weights only where a
+    constant is one of them unchanged (norms, biases: small). Where the weights are mapped from a file
+    (safetensors as diffusers loads them; the export's fp32 offload), their pages leave memory, and are read from
+    the file again by whatever uses them later (the refit check). Full-size SD 1.5's fp32 UNet: 3.2 GiB of file
+    pages during its lowering on the AMD EPYC Zen 3."""
+    from torch._inductor import constant_folding, freezing
 
-    freeze = freezing.freeze
+    freeze, run_node = freezing.freeze, constant_folding.ConstantFolder.run_node
+    weights = _storages(program.state_dict.values())
 
     def freeze_then_page_out(*args: Any, **kwargs: Any) -> Any:
         frozen = freeze(*args, **kwargs)
         page_out(program.state_dict.values())
         return frozen
 
+    def run_node_then_page_out(folder: Any, node: torch.fx.Node) -> Any:
+        # Constant folding reads each weight to compute what it folds into (a Winograd transform, a prepacked or
+        # cast copy), and those results pile up: a weight read is paged out at once, not at freezing's end (the
+        # fp32 UNet's 3.2 GiB of weights were resident at freezing's peak). One used again is read from its file.
+        out = run_node(folder, node)
+        used = [folder.env.get(n) for n in node.all_input_nodes]
+        page_out([t for t in used if isinstance(t, torch.Tensor) and _storage_address(t) in weights])
+        return out
+
+    page_out(program.state_dict.values())  # read by the eager reference; tracing reads no weight
     freezing.freeze = freeze_then_page_out
+    constant_folding.ConstantFolder.run_node = run_node_then_page_out
     try:
         yield
     finally:
         freezing.freeze = freeze
+        constant_folding.ConstantFolder.run_node = run_node
+
+
+def _storages(tensors: Any) -> set[int]:
+    return {address for address in map(_storage_address, tensors) if address is not None}
+
+
+def _storage_address(tensor: torch.Tensor) -> int | None:
+    try:
+        return tensor.untyped_storage().data_ptr()
+    except (NotImplementedError, RuntimeError):  # oneDNN-prepacked and other opaque tensors
+        return None
 
 
 @contextmanager
