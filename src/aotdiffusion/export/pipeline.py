@@ -625,7 +625,7 @@ def _compile_extra_sizes(
         if {name: tuple(t.shape) for name, t in other.example_inputs().items()} == main_shapes:
             continue
         if main is None:
-            main = CompiledComponent(folder / spec.name, device=options.device, share=True)
+            main = CompiledComponent(folder / spec.name, device=options.device)
         where = f"{step} at {size[0]}x{size[1]}"
         relative = sizes.folder_name(*size)
         sub = folder / spec.name / relative
