@@ -23,9 +23,9 @@ import torch
 from .. import artifact
 from .memory import map_file, unmap_file, unmap_pages
 
-# Seconds between two drops of the mapping's pages: the loader copies about 1-2 GB/s, so at most about a
-# hundred megabytes are mapped at once.
-_DROP_EVERY_S = 0.05
+# Seconds between two drops of the mapping's pages: the loader copies about 1-2 GB/s, so at most a few tens of
+# megabytes are mapped at once.
+_DROP_EVERY_S = 0.01
 
 
 class _Entry(ctypes.Structure):  # AOTInductorConstantMapEntry, aoti_runtime/interface.h
