@@ -14,6 +14,7 @@ loaded constants, oneDNN-prepacked ones included, then go to the runner's contai
 from __future__ import annotations
 
 import ctypes
+import functools
 import sys
 import threading
 from pathlib import Path
@@ -131,14 +132,18 @@ def available() -> bool:
     return sys.platform.startswith("linux") and hasattr(torch._C._aoti, "alloc_tensor_by_stealing_from_void_ptr")
 
 
+@functools.cache
 def _libtorch() -> ctypes.CDLL:
     library = ctypes.CDLL(str(Path(torch.__file__).parent / "lib" / "libtorch_cpu.so"))
     library.aoti_torch_new_tensor_handle.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_void_p)]
     return library
 
 
+_PyCapsule_New = ctypes.PYFUNCTYPE(ctypes.py_object, ctypes.c_void_p, ctypes.c_char_p, ctypes.c_void_p)(
+    ("PyCapsule_New", ctypes.pythonapi)
+)
+
+
 def _capsule(address: int) -> object:
     """A nameless capsule around ``address``: what ``alloc_tensor_by_stealing_from_void_ptr`` takes."""
-    new = ctypes.pythonapi.PyCapsule_New
-    new.restype, new.argtypes = ctypes.py_object, [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_void_p]
-    return new(address, None, None)
+    return _PyCapsule_New(address, None, None)

@@ -23,7 +23,6 @@ from safetensors.torch import load_file
 from .. import artifact
 from ..export import refit, sizes
 from . import blob_constants, trusted
-from .blob_constants import BlobConstants
 from .memory import keep_freed_memory
 
 _DTYPES = {"float32": torch.float32, "int64": torch.int64, "int32": torch.int32}
@@ -200,7 +199,7 @@ class _Runner:
 
     def __init__(self, package: Path, device: torch.device):
         self.cpu = device.type == "cpu"
-        self._blob: BlobConstants | None = None  # owns the memory of the constants it loaded
+        self._blob: blob_constants.BlobConstants | None = None  # owns the memory of the constants it loaded
         if self.cpu:
             library = next((p for p in sorted(package.rglob("*.wrapper.so"))), None)
             if library is None:
@@ -222,7 +221,7 @@ class _Runner:
         if not blob_constants.available():
             self._container.update_constant_buffer_from_blob(str(blob))
             return
-        self._blob = BlobConstants(self._library, blob)
+        self._blob = blob_constants.BlobConstants(self._library, blob)
         self.set_constants(self._blob.tensors)
 
     def set_constants(self, constants: dict[str, torch.Tensor], *, partial: bool = False) -> None:
