@@ -16,7 +16,6 @@ import functools
 import mmap
 import os
 import sys
-import threading
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -32,11 +31,6 @@ _M_MMAP_MAX = -4
 _DEFAULT_TRIM_THRESHOLD = 128 * 1024
 _DEFAULT_MMAP_THRESHOLD = 128 * 1024
 _DEFAULT_MMAP_MAX = 65536
-
-# How often freed_memory_returned trims the heap: a compile frees gigabytes over minutes, and a trim costs little
-# (full-size SD 1.5's export on the AMD EPYC Zen 3: 165 trims, 3.2 ms on average, 91 ms at most, in a thread
-# that does not hold the GIL).
-_TRIM_EVERY_S = 0.25
 
 _ENV = "AOTDIFFUSION_KEEP_FREED_MEMORY"
 _applied = False
@@ -66,9 +60,8 @@ def _keep(mallopt) -> bool:
 
 @contextmanager
 def freed_memory_returned() -> Iterator[None]:
-    """While open, glibc hands freed memory back to the kernel (its defaults) even where
-    :func:`keep_freed_memory` is in effect, the heap it kept is trimmed on entry, and a thread trims it
-    every :data:`_TRIM_EVERY_S` seconds.
+    """While open, glibc's defaults apply even where :func:`keep_freed_memory` is in effect (large blocks mapped
+    and unmapped, the heap's top trimmed), and the heap is trimmed on entry and on exit.
 
     An export validates each component by loading it, which applies :func:`keep_freed_memory`; the next
     component's compile then allocates and frees gigabytes of transient tensors (freezing's folded and
@@ -77,45 +70,27 @@ def freed_memory_returned() -> Iterator[None]:
     peak, inside the compile, did not move). Compiling is not a hot loop, so the page faults cost nothing
     that matters there.
 
-    The defaults alone do not return a block freed inside the heap: glibc gives back only the heap's top, and
-    one small live block above a freed gigabyte keeps all of it resident. Which block lands there is chance (the
-    unit test's gigabyte, without a deliberate one, stayed resident in 6 of 20 fresh processes on the AMD EPYC
-    Zen 3, always or never for a given hash seed). Only ``malloc_trim`` releases the pages of free blocks
-    inside the heap, hence the thread.
+    Inside, a block freed below a live one stays resident until the exit's trim (glibc gives back only the
+    heap's top; only ``malloc_trim`` releases free blocks inside it): a gigabyte the heap kept before entry and
+    reused inside, say. A thread trimming every 0.25 s returned such blocks at once but did not lower the peak:
+    full-size SD 1.5's fp32 export on the AMD EPYC Zen 3 (measured timings reused) peaked at 8.93 GiB with it,
+    8.86 without, and took 752 s instead of 725 (2237 trims, 16.8 s inside ``malloc_trim``, which locks the heap).
     """
-    if not sys.platform.startswith("linux"):
+    if not _applied:
         yield
         return
-    try:
-        libc = _libc()
-        trim = libc.malloc_trim
-    except (OSError, AttributeError):  # not glibc
-        yield
-        return
-    if _applied:
-        libc.mallopt(_M_MMAP_MAX, _DEFAULT_MMAP_MAX)
-        # The threshold too: glibc raises it (up to 32 MiB) each time a mapped block is freed before
-        # keep_freed_memory froze it, and blocks below it come from a heap whose top a small live object can pin.
-        libc.mallopt(_M_MMAP_THRESHOLD, _DEFAULT_MMAP_THRESHOLD)
-        libc.mallopt(_M_TRIM_THRESHOLD, _DEFAULT_TRIM_THRESHOLD)
-    trim(0)
-    stop = threading.Event()
-    trimmer = threading.Thread(target=_trim_until, args=(stop,), name="aotdiffusion-trim", daemon=True)
-    trimmer.start()
+    libc = _libc()
+    libc.mallopt(_M_MMAP_MAX, _DEFAULT_MMAP_MAX)
+    # The threshold too: glibc raises it (up to 32 MiB) each time a mapped block is freed before
+    # keep_freed_memory froze it, and blocks below it come from a heap whose top a small live object can pin.
+    libc.mallopt(_M_MMAP_THRESHOLD, _DEFAULT_MMAP_THRESHOLD)
+    libc.mallopt(_M_TRIM_THRESHOLD, _DEFAULT_TRIM_THRESHOLD)
+    libc.malloc_trim(0)
     try:
         yield
     finally:
-        stop.set()
-        trimmer.join()
-        trim(0)
-        if _applied:
-            _keep(libc.mallopt)
-
-
-def _trim_until(stop: threading.Event) -> None:
-    # ctypes releases the GIL for the call, so the compile goes on while glibc walks its free blocks.
-    while not stop.wait(_TRIM_EVERY_S):
-        _libc().malloc_trim(0)
+        libc.malloc_trim(0)
+        _keep(libc.mallopt)
 
 
 def return_freed_memory() -> None:
