@@ -206,7 +206,9 @@ class _Runner:
                 raise artifact.ArtifactError(f"{package} holds no compiled library (*.wrapper.so): export it again.")
             self._library = library
             self._container = torch._C._aoti.AOTIModelContainerRunnerCpu(str(library), 1)
-            self._names: dict[str, str] | None = None
+            # Every constant handed to the container (by internal name) once all of them were: what constants()
+            # gives. The container's own listing is keyed by original names, which int8 graphs repeat.
+            self._handed: dict[str, torch.Tensor] | None = None
         else:
             from torch._inductor.package.package import AOTICompiledModel
 
@@ -229,13 +231,22 @@ class _Runner:
         they lie, so the caller keeps them alive. All of them unless ``partial``."""
         target = self._container if self.cpu else self._loader
         target.update_constant_buffer(constants, False, not partial, True)
+        if self.cpu and not partial:
+            self._handed = dict(constants)
+        elif self.cpu and self._handed is not None:
+            self._handed.update(constants)
 
     def constants(self) -> dict[str, torch.Tensor]:
         if not self.cpu:
             raise NotImplementedError("Sharing loaded constants between graphs is implemented on CPU only.")
-        if self._names is None:  # the container lists its constants by their original names
-            self._names = {fqn: name for name, fqn in self._container.get_constant_names_to_original_fqns().items()}
-        return {self._names.get(k, k): v for k, v in self._container.extract_constants_map(False).items()}
+        if self._handed is not None:
+            return dict(self._handed)
+        # Loaded by AOTInductor itself (no blob_constants here): its listing, keyed by original names.
+        fqns = self._container.get_constant_names_to_original_fqns()
+        names = {fqn: name for name, fqn in fqns.items()}
+        if len(names) < len(fqns):
+            raise NotImplementedError("This graph's constants repeat original names (int8): they cannot be shared.")
+        return {names.get(k, k): v for k, v in self._container.extract_constants_map(False).items()}
 
     def __del__(self) -> None:
         # The container reads constants in the memory ``_blob`` owns: it goes first.
