@@ -86,8 +86,10 @@ def test_winograd_export_runs_winograd_and_matches_eager(sd_winograd, sd_fp32, e
     timed = {s["key"]: s for s in choice["shapes"]}
     assert timed and all(s["chosen"] in ("winograd2", "winograd4") for s in timed.values())
     assert all(set(s["ms"]) == {"direct", "winograd2", "winograd4"} for s in timed.values())
-    # The forced choice is the faster tile of each shape, and what the compiler options record.
-    assert all(s["ms"][s["chosen"]] == min(s["ms"]["winograd2"], s["ms"]["winograd4"]) for s in timed.values())
+    # The forced choice is the faster tile of each shape (F(2x2) where they tie), and what the compiler options record.
+    for s in timed.values():
+        f2, f4 = s["ms"]["winograd2"], s["ms"]["winograd4"]
+        assert s["chosen"] == ("winograd2" if f2 <= min(f2, f4) * (1 + winograd.TIE) else "winograd4"), s
     assert unet["compiler"]["winograd"] == {k: int(s["chosen"][-1]) for k, s in timed.items()}
     assert unet["validation"]["max_rel_error"] < 1e-3
     # The products are batched matrix multiplications; fewer direct convolutions are left than in the direct export.
@@ -131,11 +133,26 @@ def test_auto_keeps_the_faster_algorithm_per_shape(tiny_sd, sd_winograd):
     with every_conv_timed():
         auto = winograd.choose(dominant_ops(unet)[0], "cpu", reuse=True)
     assert auto.remembered
-    for shape in auto.shapes:
-        assert shape["chosen"] == min(shape["ms"], key=shape["ms"].get)
+    for shape in auto.shapes:  # the fastest, or the lightest of those that tie with it
+        ms = shape["ms"]
+        assert ms[shape["chosen"]] <= min(ms.values()) * (1 + winograd.TIE)
+        lighter = [name for name in ms if winograd.WEIGHT_VALUES[name] < winograd.WEIGHT_VALUES[shape["chosen"]]]
+        assert all(ms[name] > min(ms.values()) * (1 + winograd.TIE) for name in lighter)
     assert auto.tiles() == {s["key"]: int(s["chosen"][-1]) for s in auto.shapes if s["chosen"] != "direct"}
     forced = _manifest(sd_winograd, "unet")["conv_algorithm_choice"]["shapes"]
     assert [s["ms"] for s in auto.shapes] == [s["ms"] for s in forced]
+
+
+def test_a_tie_goes_to_the_smaller_weights():
+    # Measured on the AMD EPYC Zen 3 for SD 1.5's 640-channel 64x64 convolution: F(4x4) stores 2.25x F(2x2)'s
+    # weights for 0.3% of time, a gap that can flip from one export to the next.
+    assert winograd.lightest_of_the_fastest({"direct": 320.5, "winograd2": 183.9, "winograd4": 183.3}) == "winograd2"
+    assert winograd.lightest_of_the_fastest({"direct": 100.0, "winograd2": 97.0, "winograd4": 60.0}) == "winograd4"
+    assert winograd.lightest_of_the_fastest({"direct": 100.0, "winograd2": 96.0, "winograd4": 99.0}) == "direct"
+    assert winograd.lightest_of_the_fastest({"direct": 100.0, "winograd2": 94.0, "winograd4": 99.0}) == "winograd2"
+    # --conv-algorithm winograd never keeps direct, and a tie between the tiles still goes to the smaller one.
+    ms = {"direct": 50.0, "winograd2": 96.0, "winograd4": 92.0}
+    assert winograd.lightest_of_the_fastest(ms, force=True) == "winograd2"
 
 
 def test_direct_and_non_fp32_compile_no_winograd(sd_fp32, sd_bf16_cli):

@@ -147,7 +147,7 @@ def _parser() -> argparse.ArgumentParser:
         default="auto",
         choices=["auto", "direct", "winograd"],
         help="3x3 convolutions: auto (default: time oneDNN's direct kernel and Winograd F(2x2,3x3)/F(4x4,3x3) per "
-        "fp32 shape, keep the faster), direct, or winograd (every timed shape)",
+        "fp32 shape, keep the faster; within 5%%, the smaller weights), direct, or winograd (every timed shape)",
     )
     _flag(
         export,

@@ -13,7 +13,8 @@ transforms are sums of tile slices with small integer coefficients (unrolled, so
 vectorised loops over the channels), and the (m+2)^2 products per tile are one batched matrix multiplication.
 Whether that beats oneDNN's direct kernel depends on the shape (the transforms move memory; at 8x8 or at the
 VAE's 512x512 they cost more than they save), so the export times both per convolution shape and keeps the
-faster one.
+faster one; where they tie (within 5%), the one with the smaller weights (F(4x4, 3x3) stores 36 values a
+channel pair, F(2x2, 3x3) 16, direct 9).
 
 In bf16 only F(2x2, 3x3) is tried: the transformed tiles are rounded to bf16 before the products, and F(4x4,
 3x3)'s larger coefficients then cost about a tenth of the output's range (measured 9e-2 to 1.1e-1 on SD 1.5's
@@ -225,7 +226,8 @@ class ConvChoice:
     def to_dict(self) -> dict[str, Any]:
         return {
             "method": f"timed oneDNN's prepacked direct convolution against Winograd {self._tiles_tried()} compiled "
-            f"by inductor, per {self.dtype} 3x3 convolution shape",
+            f"by inductor, per {self.dtype} 3x3 convolution shape; kept the one with the smallest weights among "
+            f"those within {TIE:.0%} of the fastest",
             "dtype": self.dtype,
             "shapes": self.shapes,
             "seconds": {"direct": round(self.seconds("direct"), 6), "chosen": round(self.seconds("chosen"), 6)},
@@ -292,10 +294,28 @@ def choose(
                 # The heap keeps what a timing freed (runtime/memory.py, applied by the first validation) and each
                 # shape's buffers differ in size: the VAE decoder's 512x512 shapes piled up to 9.9 GiB unreturned.
                 return_freed_memory()
-            names = [name for name in ms if not (force and name == "direct")]
-            chosen = min(names, key=ms.__getitem__)
+            chosen = lightest_of_the_fastest(ms, force=force)
             shapes.append({"key": shape_key(x_shape, w_shape), "count": count, "ms": ms, "chosen": chosen})
     return ConvChoice(shapes, remembered=remembered, dtype=dtype_name)
+
+
+# Values stored per channel pair by each algorithm: F(m x m, 3 x 3) keeps the (m+2)^2 transformed weights.
+WEIGHT_VALUES = {"direct": 9, **{f"winograd{t}": (t + 2) ** 2 for t in TILES}}
+# Timings within this share of the fastest are a tie, which the algorithm with the smaller weights wins: a
+# near-tie flips from one export to the next, and the heavier tile costs memory and disk for nothing. On the AMD
+# EPYC Zen 3, SD 1.5's 640-channel 64x64 convolution timed F(2x2) 183.9 ms, F(4x4) 183.3 (F(4x4): 56 MiB of
+# weights, F(2x2): 25). On the Zen 2 two exports of the same model made UNets of 6714 and 8089 MiB (export peaks
+# 14.09 and 10.56 GiB, the first before the load stopped holding the blob twice): most likely the eleven
+# 1280-channel 8x8 convolutions' tile flipping (11 x 131 MiB; the timings were not kept).
+TIE = 0.05
+
+
+def lightest_of_the_fastest(ms: dict[str, float], *, force: bool = False) -> str:
+    """Of the algorithms timed ``ms`` (``force``: but direct), the one with the smallest weights among those
+    within :data:`TIE` of the fastest."""
+    names = [name for name in ms if not (force and name == "direct")]
+    fastest = min(ms[name] for name in names)
+    return min((name for name in names if ms[name] <= fastest * (1 + TIE)), key=WEIGHT_VALUES.__getitem__)
 
 
 def _compiled_winograd(x_shape: tuple, w_shape: tuple, tile: int, dtype: torch.dtype) -> Callable[[], Any]:
